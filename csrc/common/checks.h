@@ -1,0 +1,66 @@
+#pragma once
+// Argument checks shared by every op and device. A check a user can trigger names the op, the
+// argument and the list index, says what was expected and what was given (TORCH_CHECK); internal
+// invariants use TORCH_INTERNAL_ASSERT.
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "cpu/kernel_table.h"
+
+namespace dldna_fused {
+
+// The dtypes of one multi-tensor call, validated.
+struct CallDtypes {
+  at::ScalarType param;
+  at::ScalarType state;
+};
+
+// A named tensor list of an op call, e.g. {"exp_avgs", exp_avgs}.
+struct NamedList {
+  const char* name;
+  at::TensorList tensors;
+};
+
+// Checks that params are fp32/bf16/fp16 and all of one dtype and device, that grads match their
+// params (shape, dtype, device, dense layout), and that every state list matches the params in
+// length, shape and device and has one dtype: the params' or, for bf16/fp16 params, float32.
+CallDtypes check_param_lists(const char* op, at::TensorList params, at::TensorList grads,
+                             const std::vector<NamedList>& states);
+
+// Per-parameter step counters: one float32 element each, on `device`.
+void check_state_steps(const char* op, at::TensorList state_steps, size_t expected,
+                       const at::Device& device);
+
+// GradScaler's optional scale and found-inf flags: float32 single-element tensors on `device`.
+void check_amp_tensors(const char* op, const std::optional<at::Tensor>& grad_scale,
+                       const std::optional<at::Tensor>& found_inf, const at::Device& device);
+
+void check_lr(const char* op, double lr);
+void check_beta(const char* op, const char* name, double beta);
+void check_nonnegative(const char* op, const char* name, double value);
+
+cpu::Dtype kernel_dtype(at::ScalarType dtype);
+
+// [Note: dense layouts]
+// The kernels walk memory linearly, so every tensor of one parameter (param, grad, states) must be
+// dense and laid out like the param. That holds for contiguous tensors, and for channels-last or
+// transposed params whose grads and states were made with preserve_format, even when strides of
+// size-1 dimensions differ (they never address memory). When it does not hold, the op runs on
+// contiguous copies and copies the results back into the caller's tensors, so an update never
+// lands only in a temporary.
+class DenseLayout {
+ public:
+  // lists[k][i] are the tensors of parameter i; written[k] says whether list k is updated in place.
+  DenseLayout(std::vector<std::vector<at::Tensor>*> lists, std::vector<bool> written);
+  // Copies results from the temporaries back into the original tensors.
+  void copy_back();
+
+ private:
+  std::vector<std::pair<at::Tensor, at::Tensor>> replaced_;  // (original, contiguous copy)
+};
+
+}  // namespace dldna_fused

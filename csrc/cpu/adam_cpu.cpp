@@ -1,0 +1,113 @@
+// dldna_fused::fused_adam_ on the CPU: argument checks, per-tensor coefficients, and one parallel
+// pass of the chunk kernel (cpu/kernels_impl.h) over all tensors.
+
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "common/adam_args.h"
+#include "common/adam_math.h"
+#include "cpu/parallel.h"
+
+namespace dldna_fused {
+namespace {
+
+void fused_adam_cpu_impl(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                         at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                         at::TensorList state_steps, double lr, const AdamHyperparameters& hp,
+                         const std::optional<at::Tensor>& grad_scale,
+                         const std::optional<at::Tensor>& found_inf) {
+  const CallDtypes dtypes = check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                                            state_steps, hp, grad_scale, found_inf);
+  check_lr("dldna_fused::fused_adam_", lr);
+  if (params.empty()) {
+    return;
+  }
+  // A step GradScaler found inf/nan in is skipped whole: params, states and step counters.
+  if (found_inf.has_value() && *found_inf->const_data_ptr<float>() != 0.f) {
+    return;
+  }
+  const float inv_grad_scale =
+      grad_scale.has_value() ? 1.f / *grad_scale->const_data_ptr<float>() : 1.f;
+
+  std::vector<at::Tensor> p(params.begin(), params.end());
+  std::vector<at::Tensor> g(grads.begin(), grads.end());
+  std::vector<at::Tensor> m(exp_avgs.begin(), exp_avgs.end());
+  std::vector<at::Tensor> v(exp_avg_sqs.begin(), exp_avg_sqs.end());
+  std::vector<at::Tensor> v_max;
+  if (hp.amsgrad) {
+    v_max.assign(max_exp_avg_sqs.begin(), max_exp_avg_sqs.end());
+  }
+  DenseLayout layout({&p, &g, &m, &v, &v_max}, {true, false, true, true, true});
+
+  const size_t n = p.size();
+  std::vector<cpu::AdamTensorArgs> args(n);
+  std::vector<int64_t> numels(n);
+  int64_t total = 0;
+  for (size_t i = 0; i < n; ++i) {
+    float* step = state_steps[i].data_ptr<float>();
+    *step += 1.f;
+    AdamCoefficients c{};
+    c.lr = static_cast<float>(lr);
+    c.beta1 = static_cast<float>(hp.beta1);
+    c.beta2 = static_cast<float>(hp.beta2);
+    c.weight_decay = static_cast<float>(hp.weight_decay);
+    c.eps = static_cast<float>(hp.eps);
+    c.inv_grad_scale = inv_grad_scale;
+    c.amsgrad = hp.amsgrad;
+    c.maximize = hp.maximize;
+    c.decoupled_weight_decay = hp.decoupled_weight_decay;
+    adam_bias_corrections(lr, hp.beta1, hp.beta2, *step, c.step_size, c.bias_correction2_sqrt);
+    args[i] = {p[i].data_ptr(), g[i].const_data_ptr(), m[i].data_ptr(), v[i].data_ptr(),
+               hp.amsgrad ? v_max[i].data_ptr() : nullptr, c};
+    numels[i] = p[i].numel();
+    total += numels[i];
+  }
+
+  const cpu::AdamLaunch launch{kernel_dtype(dtypes.param), kernel_dtype(dtypes.state), args.data()};
+  cpu::parallel_over_chunks(cpu::make_chunks(numels), total, cpu::cpu_kernels().adam, launch);
+  layout.copy_back();
+}
+
+AdamHyperparameters hyperparameters(double beta1, double beta2, double weight_decay, double eps,
+                                    bool amsgrad, bool maximize, bool decoupled_weight_decay) {
+  return {beta1, beta2, weight_decay, eps, amsgrad, maximize, decoupled_weight_decay};
+}
+
+void fused_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                    at::TensorList state_steps, double lr, double beta1, double beta2,
+                    double weight_decay, double eps, bool amsgrad, bool maximize,
+                    bool decoupled_weight_decay, const std::optional<at::Tensor>& grad_scale,
+                    const std::optional<at::Tensor>& found_inf) {
+  fused_adam_cpu_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr,
+                      hyperparameters(beta1, beta2, weight_decay, eps, amsgrad, maximize,
+                                      decoupled_weight_decay),
+                      grad_scale, found_inf);
+}
+
+void fused_adam_cpu_tensor_lr(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                              at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                              at::TensorList state_steps, const at::Tensor& lr, double beta1,
+                              double beta2, double weight_decay, double eps, bool amsgrad,
+                              bool maximize, bool decoupled_weight_decay,
+                              const std::optional<at::Tensor>& grad_scale,
+                              const std::optional<at::Tensor>& found_inf) {
+  check_lr_tensor("dldna_fused::fused_adam_", lr, at::kCPU);
+  fused_adam_cpu_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                      lr.item<double>(),
+                      hyperparameters(beta1, beta2, weight_decay, eps, amsgrad, maximize,
+                                      decoupled_weight_decay),
+                      grad_scale, found_inf);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dldna_fused, CPU, m) {
+  m.impl("fused_adam_", &fused_adam_cpu);
+  m.impl("fused_adam_.tensor_lr", &fused_adam_cpu_tensor_lr);
+}
+
+}  // namespace dldna_fused

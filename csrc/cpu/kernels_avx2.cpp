@@ -1,0 +1,39 @@
+// The AVX2 + FMA build of the CPU kernels. See [Note: CPU capability builds] in cpu/kernel_table.h.
+// The target pragma must precede every include so that the vector headers, and the inline
+// functions they pull in, are compiled for AVX2 in this file only.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
+#define DLDNA_HAVE_AVX2_KERNELS 1
+#pragma GCC target("avx2,fma,f16c")
+// The pragma enables the instructions but not the feature macros that headers such as Sleef's test,
+// so set those too; everything below is compiled for AVX2 anyway.
+#ifndef __AVX__
+#define __AVX__ 1
+#endif
+#ifndef __AVX2__
+#define __AVX2__ 1
+#endif
+#ifndef __FMA__
+#define __FMA__ 1
+#endif
+#ifndef __F16C__
+#define __F16C__ 1
+#endif
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#define DLDNA_KERNELS_NAMESPACE avx2
+#include "cpu/kernels_impl.h"
+#else
+#include "cpu/kernel_table.h"
+#endif
+
+namespace dldna_fused::cpu {
+
+const KernelTable* kernels_avx2() {
+#if defined(DLDNA_HAVE_AVX2_KERNELS)
+  return &avx2::table("avx2");
+#else
+  return nullptr;
+#endif
+}
+
+}  // namespace dldna_fused::cpu

@@ -1,0 +1,59 @@
+#include "cpu/parallel.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+
+#include <algorithm>
+#include <string>
+
+namespace dldna_fused::cpu {
+
+std::vector<Chunk> make_chunks(const std::vector<int64_t>& numels) {
+  std::vector<Chunk> chunks;
+  int64_t count = 0;
+  for (int64_t n : numels) {
+    count += (n + kChunkElements - 1) / kChunkElements;
+  }
+  chunks.reserve(count);
+  for (size_t t = 0; t < numels.size(); ++t) {
+    for (int64_t begin = 0; begin < numels[t]; begin += kChunkElements) {
+      chunks.push_back({static_cast<int64_t>(t), begin, std::min(begin + kChunkElements, numels[t])});
+    }
+  }
+  return chunks;
+}
+
+void parallel_over_chunks(const std::vector<Chunk>& chunks, int64_t total_elements,
+                          void (*kernel)(const void* launch, const Chunk* chunks, int64_t n),
+                          const void* launch) {
+  const int64_t num_chunks = static_cast<int64_t>(chunks.size());
+  if (num_chunks == 0) {
+    return;
+  }
+  const int64_t mean_chunk = std::max<int64_t>(1, total_elements / num_chunks);
+  const int64_t grain = std::max<int64_t>(1, 2 * kChunkElements / mean_chunk);
+  at::parallel_for(0, num_chunks, grain, [&](int64_t begin, int64_t end) {
+    kernel(launch, chunks.data() + begin, end - begin);
+  });
+}
+
+const KernelTable& cpu_kernels() {
+  static const KernelTable& table = [&]() -> const KernelTable& {
+    // Follow torch's own choice (which honours ATEN_CPU_CAPABILITY), and the CPU's.
+    const std::string torch_capability = at::get_cpu_capability();
+    const bool torch_uses_avx = torch_capability.rfind("AVX", 0) == 0;
+#if defined(__x86_64__) && defined(__GNUC__)
+    const bool cpu_has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                              __builtin_cpu_supports("f16c");
+#else
+    const bool cpu_has_avx2 = false;
+#endif
+    if (const KernelTable* avx2 = kernels_avx2(); avx2 && torch_uses_avx && cpu_has_avx2) {
+      return *avx2;
+    }
+    return kernels_default();
+  }();
+  return table;
+}
+
+}  // namespace dldna_fused::cpu

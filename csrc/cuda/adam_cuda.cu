@@ -1,0 +1,219 @@
+// dldna_fused::fused_adam_ on CUDA: the Adam functor for the multi-tensor launcher, and the host
+// entry point registered for the CUDA dispatch key.
+
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include "common/adam_args.h"
+#include "common/adam_math.h"
+#include "cuda/multi_tensor_apply.cuh"
+
+namespace dldna_fused::cuda {
+namespace {
+
+struct AdamDeviceArgs {
+  float lr;
+  const float* lr_ptr;  // a tensor lr, read on the device; nullptr for a float lr
+  float beta1;
+  float beta2;
+  float weight_decay;
+  float eps;
+  bool maximize;
+  bool decoupled_weight_decay;
+  const float* grad_scale;  // nullptr without GradScaler
+  const float* found_inf;
+};
+
+// P: param and grad storage, S: state storage; both computed in fp32.
+template <typename P, typename S, bool kAmsgrad>
+struct AdamFunctor {
+  static constexpr int kDepth = kAmsgrad ? 5 : 4;
+  static constexpr int kIlp = 16 / sizeof(P);  // one 16-byte access of the param per step
+
+  __device__ __forceinline__ void operator()(const TensorListMetadata<kDepth>& meta,
+                                             const AdamDeviceArgs& a) const {
+    if (a.found_inf != nullptr && *a.found_inf != 0.f) {
+      return;
+    }
+    const int tensor = meta.block_to_tensor[blockIdx.x];
+    const int64_t begin = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kChunkSize;
+    const int64_t end = min(meta.numel[tensor], begin + kChunkSize);
+    auto* param = static_cast<P*>(meta.addresses[0][tensor]);
+    const auto* grad = static_cast<const P*>(meta.addresses[1][tensor]);
+    auto* exp_avg = static_cast<S*>(meta.addresses[2][tensor]);
+    auto* exp_avg_sq = static_cast<S*>(meta.addresses[3][tensor]);
+    S* max_exp_avg_sq = kAmsgrad ? static_cast<S*>(meta.addresses[kDepth - 1][tensor]) : nullptr;
+
+    AdamCoefficients c{};
+    c.lr = a.lr_ptr != nullptr ? *a.lr_ptr : a.lr;
+    c.beta1 = a.beta1;
+    c.beta2 = a.beta2;
+    c.weight_decay = a.weight_decay;
+    c.eps = a.eps;
+    c.inv_grad_scale = a.grad_scale != nullptr ? 1.f / *a.grad_scale : 1.f;
+    c.amsgrad = kAmsgrad;
+    c.maximize = a.maximize;
+    c.decoupled_weight_decay = a.decoupled_weight_decay;
+    // The counter is incremented after this launch (increment_state_steps), so step t is old + 1.
+    const double step = static_cast<double>(*meta.state_steps[tensor]) + 1.0;
+    adam_bias_corrections(c.lr, c.beta1, c.beta2, step, c.step_size, c.bias_correction2_sqrt);
+
+    int64_t i = begin;
+    const bool aligned = is_pack_aligned<kIlp>(param + begin) && is_pack_aligned<kIlp>(grad + begin) &&
+                         is_pack_aligned<kIlp>(exp_avg + begin) &&
+                         is_pack_aligned<kIlp>(exp_avg_sq + begin) &&
+                         (!kAmsgrad || is_pack_aligned<kIlp>(max_exp_avg_sq + begin));
+    if (aligned) {
+      const int64_t vector_end = begin + (end - begin) / kIlp * kIlp;
+      for (int64_t j = begin + static_cast<int64_t>(threadIdx.x) * kIlp; j < vector_end;
+           j += static_cast<int64_t>(blockDim.x) * kIlp) {
+        float p[kIlp], g[kIlp], m[kIlp], v[kIlp], v_max[kIlp];
+        load_ilp<kIlp>(param + j, p);
+        load_ilp<kIlp>(grad + j, g);
+        load_ilp<kIlp>(exp_avg + j, m);
+        load_ilp<kIlp>(exp_avg_sq + j, v);
+        if constexpr (kAmsgrad) {
+          load_ilp<kIlp>(max_exp_avg_sq + j, v_max);
+        }
+#pragma unroll
+        for (int k = 0; k < kIlp; ++k) {
+          adam_update(p[k], g[k], m[k], v[k], v_max[k], c);
+        }
+        store_ilp<kIlp>(param + j, p);
+        store_ilp<kIlp>(exp_avg + j, m);
+        store_ilp<kIlp>(exp_avg_sq + j, v);
+        if constexpr (kAmsgrad) {
+          store_ilp<kIlp>(max_exp_avg_sq + j, v_max);
+        }
+      }
+      i = vector_end;
+    }
+    // Unaligned chunks (views at odd offsets) and the tail: one element per thread, coalesced.
+    for (int64_t j = i + threadIdx.x; j < end; j += blockDim.x) {
+      float p = static_cast<float>(param[j]);
+      float m = static_cast<float>(exp_avg[j]);
+      float v = static_cast<float>(exp_avg_sq[j]);
+      float v_max = kAmsgrad ? static_cast<float>(max_exp_avg_sq[j]) : 0.f;
+      adam_update(p, static_cast<float>(grad[j]), m, v, v_max, c);
+      param[j] = static_cast<P>(p);
+      exp_avg[j] = static_cast<S>(m);
+      exp_avg_sq[j] = static_cast<S>(v);
+      if constexpr (kAmsgrad) {
+        max_exp_avg_sq[j] = static_cast<S>(v_max);
+      }
+    }
+  }
+};
+
+template <typename P, typename S>
+void launch_adam(const std::vector<std::vector<at::Tensor>>& lists,
+                 const std::vector<at::Tensor>& steps, bool amsgrad, const AdamDeviceArgs& args) {
+  if (amsgrad) {
+    multi_tensor_apply<5>(lists, steps, AdamFunctor<P, S, true>{}, args);
+  } else {
+    multi_tensor_apply<4>(lists, steps, AdamFunctor<P, S, false>{}, args);
+  }
+}
+
+void fused_adam_cuda_impl(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                          at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                          at::TensorList state_steps, double lr, const at::Tensor* lr_tensor,
+                          const AdamHyperparameters& hp,
+                          const std::optional<at::Tensor>& grad_scale,
+                          const std::optional<at::Tensor>& found_inf) {
+  constexpr const char* op = "dldna_fused::fused_adam_";
+  const CallDtypes dtypes = check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                                            state_steps, hp, grad_scale, found_inf);
+  if (params.empty()) {
+    return;
+  }
+  const c10::cuda::CUDAGuard device_guard(params[0].device());
+  at::Tensor lr_on_device;
+  AdamDeviceArgs args{};
+  if (lr_tensor != nullptr) {
+    check_lr_tensor(op, *lr_tensor, params[0].device());
+    if (lr_tensor->is_cpu()) {
+      args.lr = static_cast<float>(lr_tensor->item<double>());
+      check_lr(op, args.lr);
+    } else {
+      lr_on_device = lr_tensor->to(at::kFloat);
+      args.lr_ptr = lr_on_device.const_data_ptr<float>();
+    }
+  } else {
+    check_lr(op, lr);
+    args.lr = static_cast<float>(lr);
+  }
+  args.beta1 = static_cast<float>(hp.beta1);
+  args.beta2 = static_cast<float>(hp.beta2);
+  args.weight_decay = static_cast<float>(hp.weight_decay);
+  args.eps = static_cast<float>(hp.eps);
+  args.maximize = hp.maximize;
+  args.decoupled_weight_decay = hp.decoupled_weight_decay;
+  args.grad_scale = grad_scale.has_value() ? grad_scale->const_data_ptr<float>() : nullptr;
+  args.found_inf = found_inf.has_value() ? found_inf->const_data_ptr<float>() : nullptr;
+
+  std::vector<std::vector<at::Tensor>> lists{
+      std::vector<at::Tensor>(params.begin(), params.end()),
+      std::vector<at::Tensor>(grads.begin(), grads.end()),
+      std::vector<at::Tensor>(exp_avgs.begin(), exp_avgs.end()),
+      std::vector<at::Tensor>(exp_avg_sqs.begin(), exp_avg_sqs.end())};
+  if (hp.amsgrad) {
+    lists.emplace_back(max_exp_avg_sqs.begin(), max_exp_avg_sqs.end());
+  }
+  std::vector<std::vector<at::Tensor>*> list_ptrs;
+  for (auto& list : lists) {
+    list_ptrs.push_back(&list);
+  }
+  DenseLayout layout(list_ptrs, {true, false, true, true, true});
+  const std::vector<at::Tensor> steps(state_steps.begin(), state_steps.end());
+
+  const auto p = dtypes.param;
+  const bool fp32_state = dtypes.state == at::kFloat;
+  if (p == at::kFloat) {
+    launch_adam<float, float>(lists, steps, hp.amsgrad, args);
+  } else if (p == at::kBFloat16) {
+    fp32_state ? launch_adam<c10::BFloat16, float>(lists, steps, hp.amsgrad, args)
+               : launch_adam<c10::BFloat16, c10::BFloat16>(lists, steps, hp.amsgrad, args);
+  } else {
+    fp32_state ? launch_adam<c10::Half, float>(lists, steps, hp.amsgrad, args)
+               : launch_adam<c10::Half, c10::Half>(lists, steps, hp.amsgrad, args);
+  }
+  increment_state_steps(steps, args.found_inf);
+  layout.copy_back();
+}
+
+void fused_adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                     at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                     at::TensorList state_steps, double lr, double beta1, double beta2,
+                     double weight_decay, double eps, bool amsgrad, bool maximize,
+                     bool decoupled_weight_decay, const std::optional<at::Tensor>& grad_scale,
+                     const std::optional<at::Tensor>& found_inf) {
+  fused_adam_cuda_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr,
+                       nullptr,
+                       {beta1, beta2, weight_decay, eps, amsgrad, maximize, decoupled_weight_decay},
+                       grad_scale, found_inf);
+}
+
+void fused_adam_cuda_tensor_lr(at::TensorList params, at::TensorList grads,
+                               at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                               at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
+                               const at::Tensor& lr, double beta1, double beta2,
+                               double weight_decay, double eps, bool amsgrad, bool maximize,
+                               bool decoupled_weight_decay,
+                               const std::optional<at::Tensor>& grad_scale,
+                               const std::optional<at::Tensor>& found_inf) {
+  fused_adam_cuda_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, 0.0, &lr,
+                       {beta1, beta2, weight_decay, eps, amsgrad, maximize, decoupled_weight_decay},
+                       grad_scale, found_inf);
+}
+
+}  // namespace
+}  // namespace dldna_fused::cuda
+
+TORCH_LIBRARY_IMPL(dldna_fused, CUDA, m) {
+  m.impl("fused_adam_", &dldna_fused::cuda::fused_adam_cuda);
+  m.impl("fused_adam_.tensor_lr", &dldna_fused::cuda::fused_adam_cuda_tensor_lr);
+}

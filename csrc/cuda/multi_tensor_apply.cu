@@ -1,0 +1,41 @@
+#include "cuda/multi_tensor_apply.cuh"
+
+namespace dldna_fused::cuda {
+namespace {
+
+constexpr int kMaxStepsPerLaunch = 2048;
+
+struct StepList {
+  float* steps[kMaxStepsPerLaunch];
+  int count;
+};
+
+__global__ void increment_state_steps_kernel(const __grid_constant__ StepList list,
+                                             const float* found_inf) {
+  if (found_inf != nullptr && *found_inf != 0.f) {
+    return;
+  }
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < list.count) {
+    *list.steps[i] += 1.f;
+  }
+}
+
+}  // namespace
+
+void increment_state_steps(const std::vector<at::Tensor>& state_steps, const float* found_inf) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  constexpr int kThreads = 256;
+  for (size_t begin = 0; begin < state_steps.size(); begin += kMaxStepsPerLaunch) {
+    StepList list{};
+    list.count = static_cast<int>(std::min<size_t>(kMaxStepsPerLaunch, state_steps.size() - begin));
+    for (int k = 0; k < list.count; ++k) {
+      list.steps[k] = state_steps[begin + k].data_ptr<float>();
+    }
+    const int blocks = (list.count + kThreads - 1) / kThreads;
+    increment_state_steps_kernel<<<blocks, kThreads, 0, stream>>>(list, found_inf);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+}  // namespace dldna_fused::cuda

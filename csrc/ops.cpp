@@ -1,0 +1,29 @@
+// The schemas of every dldna_fused op, declared once. Each device registers its implementation
+// beside its kernels (cpu/*_cpu.cpp, cuda/*_cuda.cu); Python reaches the ops only through
+// torch.ops.dldna_fused (wrapped in dldna_fused/ops.py), so torch.compile and opcheck see them.
+//
+// Conventions: lists are per parameter and the same length; `(a!)` marks lists updated in place;
+// hyperparameters are keyword-only; `grad_scale`/`found_inf` are GradScaler's tensors: grads are
+// divided by grad_scale inside the kernel, and when found_inf is nonzero nothing changes at all,
+// not even the step counters.
+
+#include <torch/library.h>
+
+TORCH_LIBRARY(dldna_fused, m) {
+  // Adam (decoupled_weight_decay=False: L2 added to the gradient) and AdamW (True).
+  // state_steps are incremented by the op; bias corrections use the incremented value.
+  m.def(
+      "fused_adam_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, *, "
+      "float lr, float beta1, float beta2, float weight_decay, float eps, bool amsgrad, "
+      "bool maximize, bool decoupled_weight_decay, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None) -> ()");
+  // The same with lr as a one-element tensor (read on the device under CUDA, so a scheduler can
+  // change it between replays of a captured CUDA graph).
+  m.def(
+      "fused_adam_.tensor_lr(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, *, "
+      "Tensor lr, float beta1, float beta2, float weight_decay, float eps, bool amsgrad, "
+      "bool maximize, bool decoupled_weight_decay, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None) -> ()");
+}

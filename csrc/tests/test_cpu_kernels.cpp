@@ -1,0 +1,163 @@
+// C++ tests of the CPU kernels, run by ctest: the op through the dispatcher against an independent
+// float64 loop, the portable and AVX2 kernel builds against each other, and the argument checks.
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <cmath>
+#include <cstdio>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "common/adam_math.h"
+#include "cpu/kernel_table.h"
+
+namespace {
+
+int failures = 0;
+
+void expect(bool ok, const std::string& what) {
+  if (!ok) {
+    ++failures;
+    std::printf("FAIL: %s\n", what.c_str());
+  }
+}
+
+using AdamOp = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+                    at::TensorList, double, double, double, double, double, bool, bool, bool,
+                    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&);
+
+c10::TypedOperatorHandle<AdamOp> adam_op() {
+  return c10::Dispatcher::singleton().findSchemaOrThrow("dldna_fused::fused_adam_", "").typed<AdamOp>();
+}
+
+struct Case {
+  at::ScalarType param;
+  at::ScalarType state;
+  bool amsgrad;
+  bool decoupled;
+  bool maximize;
+};
+
+// Three steps of the op on tensors of several sizes (a zero-size one, a vector-loop tail, more than
+// one chunk), each step checked against the same step computed in float64 from the op's state
+// before it, so the tolerance is one step's rounding in the storage dtype.
+void test_adam_against_float64(const Case& c) {
+  const std::vector<int64_t> sizes{0, 1, 17, 4097, 70001};
+  const double lr = 1e-2, beta1 = 0.9, beta2 = 0.99, wd = 0.1, eps = 1e-8;
+  // Storage rounding: fp32 math vs float64 leaves ~1e-6 relative; bf16/fp16 one rounding each.
+  const double tol = c.state == at::kFloat && c.param == at::kFloat ? 1e-5
+                     : c.param == at::kBFloat16                      ? 1e-2
+                                                                     : 2e-3;
+  std::vector<at::Tensor> p, m, v, vmax, steps;
+  for (int64_t n : sizes) {
+    p.push_back(at::randn({n}, at::kDouble).to(c.param));
+    m.push_back(at::zeros({n}, c.state));
+    v.push_back(at::zeros({n}, c.state));
+    vmax.push_back(at::zeros({n}, c.state));
+    steps.push_back(at::zeros({}, at::kFloat));
+  }
+  for (int t = 1; t <= 3; ++t) {
+    std::vector<at::Tensor> g, p64, m64, v64, vmax64;
+    for (size_t i = 0; i < sizes.size(); ++i) {
+      g.push_back(at::randn({sizes[i]}, at::kDouble).to(c.param));
+      auto grad = g[i].to(at::kDouble);
+      auto theta = p[i].to(at::kDouble);
+      if (c.maximize) grad = -grad;
+      if (c.decoupled) {
+        theta = theta * (1 - lr * wd);
+      } else {
+        grad = grad + wd * theta;
+      }
+      m64.push_back(beta1 * m[i].to(at::kDouble) + (1 - beta1) * grad);
+      v64.push_back(beta2 * v[i].to(at::kDouble) + (1 - beta2) * grad * grad);
+      vmax64.push_back(at::maximum(vmax[i].to(at::kDouble), v64[i]));
+      const auto& second = c.amsgrad ? vmax64[i] : v64[i];
+      const double bc1 = 1 - std::pow(beta1, t), bc2 = 1 - std::pow(beta2, t);
+      p64.push_back(theta - (lr / bc1) * m64[i] / (second.sqrt() / std::sqrt(bc2) + eps));
+    }
+    adam_op().call(p, g, m, v, c.amsgrad ? at::TensorList(vmax) : at::TensorList(), steps, lr, beta1,
+                   beta2, wd, eps, c.amsgrad, c.maximize, c.decoupled, std::nullopt, std::nullopt);
+    for (size_t i = 0; i < sizes.size(); ++i) {
+      const std::string where = " (size " + std::to_string(sizes[i]) + ", step " + std::to_string(t) + ")";
+      expect(steps[i].item<float>() == static_cast<float>(t), "step counter" + where);
+      expect(at::allclose(p[i].to(at::kDouble), p64[i], tol, tol), "param" + where);
+      expect(at::allclose(m[i].to(at::kDouble), m64[i], tol, tol), "exp_avg" + where);
+      expect(at::allclose(v[i].to(at::kDouble), v64[i], tol, tol), "exp_avg_sq" + where);
+      if (c.amsgrad) {
+        expect(at::allclose(vmax[i].to(at::kDouble), vmax64[i], tol, tol), "max_exp_avg_sq" + where);
+      }
+    }
+  }
+}
+
+// The portable and AVX2 builds of the kernel compute the same values on the same inputs.
+void test_kernel_builds_agree() {
+  const dldna_fused::cpu::KernelTable* avx2 = dldna_fused::cpu::kernels_avx2();
+  if (avx2 == nullptr) {
+    std::printf("skip: no AVX2 kernel build on this platform\n");
+    return;
+  }
+  const int64_t n = 1037;
+  std::vector<at::Tensor> results;
+  for (const auto* table : {&dldna_fused::cpu::kernels_default(), avx2}) {
+    at::manual_seed(0);
+    auto p = at::randn({n}), g = at::randn({n}), m = at::randn({n}), v = at::rand({n});
+    dldna_fused::AdamCoefficients c{};
+    c.lr = 1e-2f; c.beta1 = 0.9f; c.beta2 = 0.999f; c.eps = 1e-8f; c.weight_decay = 0.f;
+    c.inv_grad_scale = 1.f;
+    dldna_fused::adam_bias_corrections(c.lr, c.beta1, c.beta2, 1.0, c.step_size, c.bias_correction2_sqrt);
+    dldna_fused::cpu::AdamTensorArgs args{p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), nullptr, c};
+    dldna_fused::cpu::AdamLaunch launch{dldna_fused::cpu::Dtype::Float, dldna_fused::cpu::Dtype::Float, &args};
+    dldna_fused::cpu::Chunk chunk{0, 0, n};
+    table->adam(launch, &chunk, 1);
+    results.push_back(p);
+  }
+  // FMA contraction in the AVX2 build may change the last bit.
+  expect(at::allclose(results[0], results[1], 1e-6, 1e-7), "portable and AVX2 kernels agree");
+}
+
+void expect_error(const std::function<void()>& call, const std::string& needle) {
+  try {
+    call();
+    expect(false, "expected an error mentioning '" + needle + "'");
+  } catch (const c10::Error& e) {
+    expect(std::string(e.what()).find(needle) != std::string::npos,
+           "error mentions '" + needle + "': " + e.what());
+  }
+}
+
+void test_argument_checks() {
+  auto p = at::zeros({4}), g = at::zeros({4}), m = at::zeros({4}), v = at::zeros({4});
+  auto step = at::zeros({});
+  std::vector<at::Tensor> ps{p}, gs{g}, ms{m}, vs{v}, steps{step}, none{};
+  expect_error([&] { adam_op().call(ps, none, ms, vs, none, steps, 1e-3, 0.9, 0.999, 0., 1e-8, false, false, false, std::nullopt, std::nullopt); }, "grads");
+  expect_error([&] { adam_op().call(ps, gs, ms, vs, none, steps, -1., 0.9, 0.999, 0., 1e-8, false, false, false, std::nullopt, std::nullopt); }, "lr");
+  expect_error([&] { adam_op().call(ps, gs, ms, vs, none, steps, 1e-3, 1.0, 0.999, 0., 1e-8, false, false, false, std::nullopt, std::nullopt); }, "beta1");
+  std::vector<at::Tensor> bad_g{at::zeros({5})};
+  expect_error([&] { adam_op().call(ps, bad_g, ms, vs, none, steps, 1e-3, 0.9, 0.999, 0., 1e-8, false, false, false, std::nullopt, std::nullopt); }, "grads[0] has shape");
+  std::vector<at::Tensor> p64{at::zeros({4}, at::kDouble)}, g64{at::zeros({4}, at::kDouble)};
+  expect_error([&] { adam_op().call(p64, g64, ms, vs, none, steps, 1e-3, 0.9, 0.999, 0., 1e-8, false, false, false, std::nullopt, std::nullopt); }, "float32, bfloat16 or float16");
+  expect(step.item<float>() == 0.f && p.abs().sum().item<float>() == 0.f, "rejected calls change nothing");
+}
+
+}  // namespace
+
+int main() {
+  at::manual_seed(1234);
+  int cases = 0;
+  for (auto [param, state] : {std::pair{at::kFloat, at::kFloat}, {at::kBFloat16, at::kBFloat16},
+                              {at::kBFloat16, at::kFloat}, {at::kHalf, at::kHalf}, {at::kHalf, at::kFloat}}) {
+    for (bool amsgrad : {false, true}) {
+      for (bool decoupled : {false, true}) {
+        test_adam_against_float64({param, state, amsgrad, decoupled, /*maximize=*/decoupled});
+        ++cases;
+      }
+    }
+  }
+  test_kernel_builds_agree();
+  test_argument_checks();
+  std::printf("%d Adam cases, kernel builds, argument checks: %s\n", cases, failures == 0 ? "ok" : "FAILED");
+  return failures == 0 ? 0 : 1;
+}

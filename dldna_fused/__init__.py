@@ -1,0 +1,15 @@
+"""dldna_fused: fused multi-tensor optimizer kernels for PyTorch (CPU and CUDA).
+
+* :mod:`dldna_fused.optim`: drop-in replacements for ``torch.optim`` optimizers, one fused op call
+  per (device, dtype) group of parameters.
+* :mod:`dldna_fused.reference`: plain per-tensor Python versions of the same algorithms, the
+  ground truth of the parity tests and the versions to read.
+* :mod:`dldna_fused.ops`: the ops themselves (``torch.ops.dldna_fused.*``).
+* ``dldna-fused bench``: the benchmark command (:mod:`dldna_fused.bench`).
+"""
+
+from dldna_fused import ops  # noqa: F401  (loads the native library and registers fake kernels)
+from dldna_fused import optim, reference  # noqa: F401
+
+__version__ = "0.1.0"
+__all__ = ["ops", "optim", "reference", "__version__"]
