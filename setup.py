@@ -74,6 +74,7 @@ def extensions():
     kwargs = dict(
         name="dldna_fused._C",
         include_dirs=[str(ROOT / "csrc")],
+        extra_link_args=lists["DLDNA_FUSED_LINK_FLAGS"],
     )
     if build_cuda(torch, cpp_extension):
         if "TORCH_CUDA_ARCH_LIST" not in os.environ:

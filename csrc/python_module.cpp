@@ -7,6 +7,6 @@
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module = {
       PyModuleDef_HEAD_INIT, "_C", "Loads the dldna_fused ops into torch.ops.dldna_fused.", -1,
-      nullptr};
+      nullptr, nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&module);
 }

@@ -28,7 +28,11 @@ set(DLDNA_FUSED_CPP_TEST_SOURCES
     csrc/tests/test_cpu_kernels.cpp
 )
 
-set(DLDNA_FUSED_CXX_FLAGS -O3 -Wall -Wextra -Wno-unused-parameter -Wno-psabi)
+# -fopenmp: at::parallel_for is inline, and under torch's OpenMP backend it only runs in parallel
+# when the caller is compiled with OpenMP. At run time the GOMP symbols bind to the libgomp.so.1
+# torch has already loaded, so torch.set_num_threads governs our kernels too.
+set(DLDNA_FUSED_CXX_FLAGS -O3 -fopenmp -Wall -Wextra -Wno-unused-parameter -Wno-psabi)
+set(DLDNA_FUSED_LINK_FLAGS -fopenmp)
 # No --use_fast_math: the kernels are parity-tested against fp32 references.
 set(DLDNA_FUSED_NVCC_FLAGS -O3 --expt-relaxed-constexpr -lineinfo)
 set(DLDNA_FUSED_DEBUG_FLAGS -O0 -g)

@@ -10,10 +10,12 @@ namespace dldna_fused {
 // the CPU computes these per tensor on the host and the CUDA functor per block on the device (the
 // step lives there, which keeps the step CUDA-graph capturable).
 struct AdamCoefficients {
-  float lr;
   float beta1;
   float beta2;
-  float weight_decay;
+  float one_minus_beta1;
+  float one_minus_beta2;
+  float weight_decay;           // L2 coefficient (Adam)
+  float decay_factor;           // 1 - lr * weight_decay (AdamW)
   float eps;
   float step_size;              // lr / (1 - beta1^t)
   float bias_correction2_sqrt;  // sqrt(1 - beta2^t)
@@ -23,13 +25,27 @@ struct AdamCoefficients {
   bool decoupled_weight_decay;  // AdamW: shrink p; Adam: add wd * p to the gradient
 };
 
-// Bias corrections in double, as torch.optim does, so long runs (beta2^t near 1) round the same.
-DLDNA_HOST_DEVICE void adam_bias_corrections(double lr, double beta1, double beta2, double step,
-                                             float& step_size, float& bias_correction2_sqrt) {
-  const double bias_correction1 = 1.0 - ::pow(beta1, step);
-  const double bias_correction2 = 1.0 - ::pow(beta2, step);
-  step_size = static_cast<float>(lr / bias_correction1);
-  bias_correction2_sqrt = static_cast<float>(::sqrt(bias_correction2));
+// Every derived constant in double, then rounded once, as torch.optim does: 1 - beta2 computed in
+// fp32 from fp32(0.999) is off by 1.3e-5 relative, and 1 - beta2^t at large t loses digits.
+DLDNA_HOST_DEVICE AdamCoefficients adam_coefficients(double lr, double beta1, double beta2,
+                                                     double weight_decay, double eps, double step,
+                                                     float inv_grad_scale, bool amsgrad,
+                                                     bool maximize, bool decoupled_weight_decay) {
+  AdamCoefficients c{};
+  c.beta1 = static_cast<float>(beta1);
+  c.beta2 = static_cast<float>(beta2);
+  c.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+  c.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  c.weight_decay = static_cast<float>(weight_decay);
+  c.decay_factor = static_cast<float>(1.0 - lr * weight_decay);
+  c.eps = static_cast<float>(eps);
+  c.step_size = static_cast<float>(lr / (1.0 - ::pow(beta1, step)));
+  c.bias_correction2_sqrt = static_cast<float>(::sqrt(1.0 - ::pow(beta2, step)));
+  c.inv_grad_scale = inv_grad_scale;
+  c.amsgrad = amsgrad;
+  c.maximize = maximize;
+  c.decoupled_weight_decay = decoupled_weight_decay;
+  return c;
 }
 
 // One element (or one SIMD vector of elements) of an Adam step, in place on p, m, v and v_max.
@@ -43,13 +59,13 @@ DLDNA_HOST_DEVICE void adam_update(V& p, V g, V& m, V& v, V& v_max, const AdamCo
   }
   if (c.weight_decay != 0.f) {
     if (c.decoupled_weight_decay) {
-      p = p * V(1.f - c.lr * c.weight_decay);
+      p = p * V(c.decay_factor);
     } else {
       g = g + V(c.weight_decay) * p;
     }
   }
-  m = V(c.beta1) * m + V(1.f - c.beta1) * g;
-  v = V(c.beta2) * v + V(1.f - c.beta2) * g * g;
+  m = V(c.beta1) * m + V(c.one_minus_beta1) * g;
+  v = V(c.beta2) * v + V(c.one_minus_beta2) * g * g;
   V second_moment = v;
   if (c.amsgrad) {
     v_max = M::max(v_max, v);

@@ -49,17 +49,9 @@ void fused_adam_cpu_impl(at::TensorList params, at::TensorList grads, at::Tensor
   for (size_t i = 0; i < n; ++i) {
     float* step = state_steps[i].data_ptr<float>();
     *step += 1.f;
-    AdamCoefficients c{};
-    c.lr = static_cast<float>(lr);
-    c.beta1 = static_cast<float>(hp.beta1);
-    c.beta2 = static_cast<float>(hp.beta2);
-    c.weight_decay = static_cast<float>(hp.weight_decay);
-    c.eps = static_cast<float>(hp.eps);
-    c.inv_grad_scale = inv_grad_scale;
-    c.amsgrad = hp.amsgrad;
-    c.maximize = hp.maximize;
-    c.decoupled_weight_decay = hp.decoupled_weight_decay;
-    adam_bias_corrections(lr, hp.beta1, hp.beta2, *step, c.step_size, c.bias_correction2_sqrt);
+    const AdamCoefficients c =
+        adam_coefficients(lr, hp.beta1, hp.beta2, hp.weight_decay, hp.eps, *step, inv_grad_scale,
+                          hp.amsgrad, hp.maximize, hp.decoupled_weight_decay);
     args[i] = {p[i].data_ptr(), g[i].const_data_ptr(), m[i].data_ptr(), v[i].data_ptr(),
                hp.amsgrad ? v_max[i].data_ptr() : nullptr, c};
     numels[i] = p[i].numel();

@@ -14,13 +14,14 @@
 namespace dldna_fused::cuda {
 namespace {
 
+// Hyperparameters stay double until adam_coefficients rounds the derived constants once.
 struct AdamDeviceArgs {
-  float lr;
+  double lr;
   const float* lr_ptr;  // a tensor lr, read on the device; nullptr for a float lr
-  float beta1;
-  float beta2;
-  float weight_decay;
-  float eps;
+  double beta1;
+  double beta2;
+  double weight_decay;
+  double eps;
   bool maximize;
   bool decoupled_weight_decay;
   const float* grad_scale;  // nullptr without GradScaler
@@ -47,19 +48,12 @@ struct AdamFunctor {
     auto* exp_avg_sq = static_cast<S*>(meta.addresses[3][tensor]);
     S* max_exp_avg_sq = kAmsgrad ? static_cast<S*>(meta.addresses[kDepth - 1][tensor]) : nullptr;
 
-    AdamCoefficients c{};
-    c.lr = a.lr_ptr != nullptr ? *a.lr_ptr : a.lr;
-    c.beta1 = a.beta1;
-    c.beta2 = a.beta2;
-    c.weight_decay = a.weight_decay;
-    c.eps = a.eps;
-    c.inv_grad_scale = a.grad_scale != nullptr ? 1.f / *a.grad_scale : 1.f;
-    c.amsgrad = kAmsgrad;
-    c.maximize = a.maximize;
-    c.decoupled_weight_decay = a.decoupled_weight_decay;
     // The counter is incremented after this launch (increment_state_steps), so step t is old + 1.
     const double step = static_cast<double>(*meta.state_steps[tensor]) + 1.0;
-    adam_bias_corrections(c.lr, c.beta1, c.beta2, step, c.step_size, c.bias_correction2_sqrt);
+    const AdamCoefficients c = adam_coefficients(
+        a.lr_ptr != nullptr ? *a.lr_ptr : a.lr, a.beta1, a.beta2, a.weight_decay, a.eps, step,
+        a.grad_scale != nullptr ? 1.f / *a.grad_scale : 1.f, kAmsgrad, a.maximize,
+        a.decoupled_weight_decay);
 
     int64_t i = begin;
     const bool aligned = is_pack_aligned<kIlp>(param + begin) && is_pack_aligned<kIlp>(grad + begin) &&
@@ -136,7 +130,7 @@ void fused_adam_cuda_impl(at::TensorList params, at::TensorList grads, at::Tenso
   if (lr_tensor != nullptr) {
     check_lr_tensor(op, *lr_tensor, params[0].device());
     if (lr_tensor->is_cpu()) {
-      args.lr = static_cast<float>(lr_tensor->item<double>());
+      args.lr = lr_tensor->item<double>();
       check_lr(op, args.lr);
     } else {
       lr_on_device = lr_tensor->to(at::kFloat);
@@ -144,12 +138,12 @@ void fused_adam_cuda_impl(at::TensorList params, at::TensorList grads, at::Tenso
     }
   } else {
     check_lr(op, lr);
-    args.lr = static_cast<float>(lr);
+    args.lr = lr;
   }
-  args.beta1 = static_cast<float>(hp.beta1);
-  args.beta2 = static_cast<float>(hp.beta2);
-  args.weight_decay = static_cast<float>(hp.weight_decay);
-  args.eps = static_cast<float>(hp.eps);
+  args.beta1 = hp.beta1;
+  args.beta2 = hp.beta2;
+  args.weight_decay = hp.weight_decay;
+  args.eps = hp.eps;
   args.maximize = hp.maximize;
   args.decoupled_weight_decay = hp.decoupled_weight_decay;
   args.grad_scale = grad_scale.has_value() ? grad_scale->const_data_ptr<float>() : nullptr;

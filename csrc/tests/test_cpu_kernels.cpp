@@ -104,10 +104,7 @@ void test_kernel_builds_agree() {
   for (const auto* table : {&dldna_fused::cpu::kernels_default(), avx2}) {
     at::manual_seed(0);
     auto p = at::randn({n}), g = at::randn({n}), m = at::randn({n}), v = at::rand({n});
-    dldna_fused::AdamCoefficients c{};
-    c.lr = 1e-2f; c.beta1 = 0.9f; c.beta2 = 0.999f; c.eps = 1e-8f; c.weight_decay = 0.f;
-    c.inv_grad_scale = 1.f;
-    dldna_fused::adam_bias_corrections(c.lr, c.beta1, c.beta2, 1.0, c.step_size, c.bias_correction2_sqrt);
+    const auto c = dldna_fused::adam_coefficients(1e-2, 0.9, 0.999, 0.0, 1e-8, 1.0, 1.f, false, false, true);
     dldna_fused::cpu::AdamTensorArgs args{p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), nullptr, c};
     dldna_fused::cpu::AdamLaunch launch{dldna_fused::cpu::Dtype::Float, dldna_fused::cpu::Dtype::Float, &args};
     dldna_fused::cpu::Chunk chunk{0, 0, n};

@@ -90,18 +90,16 @@ class Adam(FusedOptimizer):
                                ("decoupled_weight_decay", False)):
                 group.setdefault(key, value)
 
-    def _group_lists(self, group: dict) -> dict:
-        """{(device, dtype): [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps]}."""
+    def _build_lists(self, group: dict) -> list:
+        """[((device, dtype), index, [params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps])]
+        for the params of ``group`` that have a grad, creating missing state; ``index`` lists the
+        positions in group["params"] of each bucket's params."""
         amsgrad = group["amsgrad"]
-        state_of = self.state
         buckets: dict = {}
-        for p in group["params"]:
-            grad = p.grad
-            if grad is None:
+        for i, p in enumerate(group["params"]):
+            if p.grad is None:
                 continue
-            if grad.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            state = state_of[p]
+            state = self.state[p]
             if len(state) == 0:
                 dtype = self._state_dtype(group, p)
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
@@ -111,17 +109,17 @@ class Adam(FusedOptimizer):
                 # Also when amsgrad is switched on mid-training (torch.optim raises KeyError there).
                 state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"], memory_format=torch.preserve_format)
             key = (p.device, p.dtype)
-            lists = buckets.get(key)
-            if lists is None:
-                lists = buckets[key] = ([], [], [], [], [], [])
+            if key not in buckets:
+                buckets[key] = ([], ([], [], [], [], []))
+            index, lists = buckets[key]
+            index.append(i)
             lists[0].append(p)
-            lists[1].append(grad)
-            lists[2].append(state["exp_avg"])
-            lists[3].append(state["exp_avg_sq"])
+            lists[1].append(state["exp_avg"])
+            lists[2].append(state["exp_avg_sq"])
             if amsgrad:
-                lists[4].append(state["max_exp_avg_sq"])
-            lists[5].append(state["step"])
-        return buckets
+                lists[3].append(state["max_exp_avg_sq"])
+            lists[4].append(state["step"])
+        return [(key, index, lists) for key, (index, lists) in buckets.items()]
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -132,14 +130,20 @@ class Adam(FusedOptimizer):
                 loss = closure()
         # Collect (and so check) every group before touching any tensor: an error leaves all
         # params as they were.
-        calls = [(group, key, lists) for group in self.param_groups
-                 for key, lists in self._group_lists(group).items()]
+        calls = []
+        for group in self.param_groups:
+            grads = [p.grad for p in group["params"]]
+            if any(g is not None and g.is_sparse for g in grads):
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            for key, index, lists in self._cached_lists(group, grads, self._build_lists,
+                                                         (group["amsgrad"], group.get("state_dtype"))):
+                calls.append((group, key, [grads[i] for i in index], lists))
         amp_cache: dict = {}
-        for group, (device, _), lists in calls:
+        for group, (device, _), grads, (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps) in calls:
             grad_scale, found_inf = self._amp_tensors(device, amp_cache)
             beta1, beta2 = group["betas"]
             ops.fused_adam_(
-                *lists,
+                params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
                 lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
                 eps=group["eps"], amsgrad=group["amsgrad"], maximize=group["maximize"],
                 decoupled_weight_decay=group["decoupled_weight_decay"],
