@@ -30,9 +30,13 @@ $(EXT_STAMP): $(VENV_STAMP) $(NATIVE_INPUTS)
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check --no-build-isolation --no-deps -e .
 	mkdir -p build && touch $@
 
+# torch's CMake config looks for the CUDA toolkit its own build used; point it at ours.
+CUDA_ROOT := $(wildcard /usr/local/cuda)
+CMAKE_CUDA_ARGS := $(if $(CUDA_ROOT),-DCUDA_TOOLKIT_ROOT_DIR=$(CUDA_ROOT) -DCUDAToolkit_ROOT=$(CUDA_ROOT))
+
 # The CMake build of the same sources against libtorch, with the C++ kernel tests.
 cpp-test: $(VENV_STAMP)
-	cmake -S . -B $(CMAKE_DIR) -G Ninja -DCMAKE_BUILD_TYPE=Release \
+	cmake -S . -B $(CMAKE_DIR) -G Ninja -DCMAKE_BUILD_TYPE=Release $(CMAKE_CUDA_ARGS) \
 	  -DCMAKE_PREFIX_PATH="$$($(PYTHON) -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
 	  -DPython_EXECUTABLE=$(abspath $(PYTHON)) > $(CMAKE_DIR).configure.log 2>&1 \
 	  || (cat $(CMAKE_DIR).configure.log; exit 1)
