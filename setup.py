@@ -4,7 +4,8 @@ Switches (environment variables; the README's "Build" section repeats them):
 
 * ``DLDNA_FUSED_CUDA=1`` builds the CUDA kernels and fails if that is impossible, ``=0`` skips
   them; unset builds them whenever torch has CUDA and nvcc exists. No GPU is needed to build.
-* ``TORCH_CUDA_ARCH_LIST`` (torch's own) picks the GPU architectures, e.g. ``"9.0"`` for H100/H200.
+* ``TORCH_CUDA_ARCH_LIST`` (torch's own) picks the GPU architectures; unset, torch uses the visible
+  GPUs', or ``"9.0"`` (H100/H200) where there is none.
 * ``DEBUG=1`` compiles without optimization and with debug symbols.
 * ``MAX_JOBS`` (torch's own) caps parallel compile jobs.
 * ``CUDA_HOME`` (torch's own) points at the CUDA toolkit; /usr/local/cuda when unset and present.
@@ -23,6 +24,8 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
+# Hopper (H100/H200): the architecture built where no GPU tells torch which one to use.
+DEFAULT_CUDA_ARCH = "9.0"
 
 
 def read_source_lists():
@@ -77,8 +80,10 @@ def extensions():
         extra_link_args=lists["DLDNA_FUSED_LINK_FLAGS"],
     )
     if build_cuda(torch, cpp_extension):
-        if "TORCH_CUDA_ARCH_LIST" not in os.environ:
-            print("dldna_fused: TORCH_CUDA_ARCH_LIST is unset; torch picks the architectures")
+        if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
+            # torch derives the list from the visible GPUs and fails when there are none.
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH
+            print(f"dldna_fused: no GPU and no TORCH_CUDA_ARCH_LIST; building for {DEFAULT_CUDA_ARCH}")
         system_includes = [f for d in cuda_include_dirs() for f in ("-isystem", d)]
         nvcc = lists["DLDNA_FUSED_NVCC_FLAGS"] + opt + system_includes
         ext = cpp_extension.CUDAExtension(

@@ -1,0 +1,3 @@
+from dldna_fused.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,26 @@
+"""The `dldna-fused` command (also `python -m dldna_fused`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from dldna_fused import bench
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dldna-fused", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    bench_parser = sub.add_parser("bench", help="time fused optimizer steps against torch.optim",
+                                  description=bench.__doc__)
+    bench.add_arguments(bench_parser)
+    bench_parser.set_defaults(run=bench.main)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
