@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One run on a machine with an NVIDIA GPU (the device tool's H200): build with CUDA in place against
+# the machine's own torch (no installs, no network), run the CUDA tests, run the benchmark.
+# Writes build.log, tests.log, bench.txt, bench.json and a summary to OUTDIR.
+#   usage: benchmarks/gpu_check.sh OUTDIR
+set -uo pipefail
+out="${1:?usage: benchmarks/gpu_check.sh OUTDIR}"
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+py="${PYTHON:-python3}"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" DLDNA_FUSED_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}"
+export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; "$py" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'; } | tee "$out/summary.txt"
+
+# In place: the .so lands next to the package, so `import dldna_fused` from the repo root finds it.
+if ! "$py" setup.py build_ext --inplace > "$out/build.log" 2>&1; then
+  tail -40 "$out/build.log"; echo "BUILD FAILED" | tee -a "$out/summary.txt"; exit 1
+fi
+echo "build ok" | tee -a "$out/summary.txt"
+
+"$py" -m pytest python_tests -q -x -p no:cacheprovider > "$out/tests.log" 2>&1
+echo "tests exit $?: $(tail -1 "$out/tests.log")" | tee -a "$out/summary.txt"
+
+"$py" -m dldna_fused bench --device cuda --no-progress --json "$out/bench.json" > "$out/bench.txt" 2>&1
+echo "bench exit $?" | tee -a "$out/summary.txt"
+cat "$out/bench.txt"
+grep -E "FAILED|Error" "$out/tests.log" | head -20
