@@ -161,7 +161,9 @@ void fused_adam_cuda_impl(at::TensorList params, at::TensorList grads, at::Tenso
   for (auto& list : lists) {
     list_ptrs.push_back(&list);
   }
-  DenseLayout layout(list_ptrs, {true, false, true, true, true});
+  std::vector<bool> written(lists.size(), true);
+  written[1] = false;  // grads are read only
+  DenseLayout layout(list_ptrs, written);
   const std::vector<at::Tensor> steps(state_steps.begin(), state_steps.end());
 
   const auto p = dtypes.param;
