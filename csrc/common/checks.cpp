@@ -2,6 +2,8 @@
 
 #include <c10/util/Exception.h>
 
+#include <utility>
+
 namespace dldna_fused {
 
 namespace {
@@ -138,38 +140,52 @@ cpu::Dtype kernel_dtype(at::ScalarType dtype) {
   }
 }
 
-DenseLayout::DenseLayout(std::vector<std::vector<at::Tensor>*> lists, std::vector<bool> written) {
-  TORCH_INTERNAL_ASSERT(!lists.empty() && lists.size() == written.size());
-  const std::vector<at::Tensor>& params = *lists[0];
+DenseLayout::DenseLayout(std::vector<at::TensorList> lists, std::vector<bool> written)
+    : lists_(std::move(lists)), written_(std::move(written)), copies_(lists_.size()) {
+  TORCH_INTERNAL_ASSERT(!lists_.empty() && lists_.size() == written_.size());
+  const at::TensorList params = lists_[0];
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& ref = params[i];
     bool ok = ref.is_contiguous() || ref.is_non_overlapping_and_dense();
-    for (size_t k = 1; ok && k < lists.size(); ++k) {
-      const auto& list = *lists[k];
-      ok = i >= list.size() || shares_dense_layout(list[i], ref);
+    for (size_t k = 1; ok && k < lists_.size(); ++k) {
+      ok = i >= lists_[k].size() || shares_dense_layout(lists_[k][i], ref);
     }
     if (ok) {
       continue;
     }
-    for (size_t k = 0; k < lists.size(); ++k) {
-      auto& list = *lists[k];
-      if (i >= list.size() || list[i].is_contiguous()) {
+    for (size_t k = 0; k < lists_.size(); ++k) {
+      if (i >= lists_[k].size() || lists_[k][i].is_contiguous()) {
         continue;
       }
-      at::Tensor copy = list[i].contiguous();
-      if (written[k]) {
-        replaced_.emplace_back(list[i], copy);
+      if (copies_[k].empty()) {
+        copies_[k].resize(lists_[k].size());
       }
-      list[i] = std::move(copy);
+      copies_[k][i] = lists_[k][i].contiguous();
     }
   }
 }
 
-void DenseLayout::copy_back() {
-  for (auto& [original, copy] : replaced_) {
-    original.copy_(copy);
+std::vector<at::Tensor> DenseLayout::list(size_t k) const {
+  std::vector<at::Tensor> out;
+  out.reserve(lists_[k].size());
+  for (size_t i = 0; i < lists_[k].size(); ++i) {
+    out.push_back(get(k, i));
   }
-  replaced_.clear();
+  return out;
+}
+
+void DenseLayout::copy_back() {
+  for (size_t k = 0; k < lists_.size(); ++k) {
+    if (!written_[k]) {
+      continue;
+    }
+    for (size_t i = 0; i < copies_[k].size(); ++i) {
+      if (copies_[k][i].defined()) {
+        lists_[k][i].copy_(copies_[k][i]);
+      }
+    }
+    copies_[k].clear();
+  }
 }
 
 }  // namespace dldna_fused

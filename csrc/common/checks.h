@@ -54,13 +54,24 @@ cpu::Dtype kernel_dtype(at::ScalarType dtype);
 // lands only in a temporary.
 class DenseLayout {
  public:
-  // lists[k][i] are the tensors of parameter i; written[k] says whether list k is updated in place.
-  DenseLayout(std::vector<std::vector<at::Tensor>*> lists, std::vector<bool> written);
-  // Copies results from the temporaries back into the original tensors.
+  // lists[k][i] is the tensor of parameter i in list k (a list may be empty when the call does
+  // not use it); written[k] says whether list k is updated in place.
+  DenseLayout(std::vector<at::TensorList> lists, std::vector<bool> written);
+  // The tensor the kernel runs on: lists[k][i] itself or, when that is not laid out like its
+  // param, a contiguous copy. Copies are rare, so nothing is allocated for lists without one.
+  const at::Tensor& get(size_t k, size_t i) const {
+    const std::vector<at::Tensor>& copies = copies_[k];
+    return copies.empty() || !copies[i].defined() ? lists_[k][i] : copies[i];
+  }
+  // List k as get() sees it.
+  std::vector<at::Tensor> list(size_t k) const;
+  // Copies results from the temporaries back into the original tensors of the written lists.
   void copy_back();
 
  private:
-  std::vector<std::pair<at::Tensor, at::Tensor>> replaced_;  // (original, contiguous copy)
+  std::vector<at::TensorList> lists_;
+  std::vector<bool> written_;
+  std::vector<std::vector<at::Tensor>> copies_;  // copies_[k] is empty unless list k has a copy
 };
 
 }  // namespace dldna_fused

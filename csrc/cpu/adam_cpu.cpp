@@ -32,29 +32,30 @@ void fused_adam_cpu_impl(at::TensorList params, at::TensorList grads, at::Tensor
   const float inv_grad_scale =
       grad_scale.has_value() ? 1.f / *grad_scale->const_data_ptr<float>() : 1.f;
 
-  std::vector<at::Tensor> p(params.begin(), params.end());
-  std::vector<at::Tensor> g(grads.begin(), grads.end());
-  std::vector<at::Tensor> m(exp_avgs.begin(), exp_avgs.end());
-  std::vector<at::Tensor> v(exp_avg_sqs.begin(), exp_avg_sqs.end());
-  std::vector<at::Tensor> v_max;
-  if (hp.amsgrad) {
-    v_max.assign(max_exp_avg_sqs.begin(), max_exp_avg_sqs.end());
-  }
-  DenseLayout layout({&p, &g, &m, &v, &v_max}, {true, false, true, true, true});
+  DenseLayout layout({params, grads, exp_avgs, exp_avg_sqs,
+                      hp.amsgrad ? max_exp_avg_sqs : at::TensorList{}},
+                     {true, false, true, true, true});
 
-  const size_t n = p.size();
+  const size_t n = params.size();
   std::vector<cpu::AdamTensorArgs> args(n);
   std::vector<int64_t> numels(n);
   int64_t total = 0;
+  // Params of one group almost always share their step count, so the coefficients (two pow()s)
+  // are recomputed only when it changes along the list.
+  float coefficients_step = -1.f;
+  AdamCoefficients c{};
   for (size_t i = 0; i < n; ++i) {
     float* step = state_steps[i].data_ptr<float>();
     *step += 1.f;
-    const AdamCoefficients c =
-        adam_coefficients(lr, hp.beta1, hp.beta2, hp.weight_decay, hp.eps, *step, inv_grad_scale,
-                          hp.amsgrad, hp.maximize, hp.decoupled_weight_decay);
-    args[i] = {p[i].data_ptr(), g[i].const_data_ptr(), m[i].data_ptr(), v[i].data_ptr(),
-               hp.amsgrad ? v_max[i].data_ptr() : nullptr, c};
-    numels[i] = p[i].numel();
+    if (*step != coefficients_step) {
+      c = adam_coefficients(lr, hp.beta1, hp.beta2, hp.weight_decay, hp.eps, *step, inv_grad_scale,
+                            hp.amsgrad, hp.maximize, hp.decoupled_weight_decay);
+      coefficients_step = *step;
+    }
+    args[i] = {layout.get(0, i).data_ptr(), layout.get(1, i).const_data_ptr(),
+               layout.get(2, i).data_ptr(), layout.get(3, i).data_ptr(),
+               hp.amsgrad ? layout.get(4, i).data_ptr() : nullptr, c};
+    numels[i] = params[i].numel();
     total += numels[i];
   }
 

@@ -149,21 +149,17 @@ void fused_adam_cuda_impl(at::TensorList params, at::TensorList grads, at::Tenso
   args.grad_scale = grad_scale.has_value() ? grad_scale->const_data_ptr<float>() : nullptr;
   args.found_inf = found_inf.has_value() ? found_inf->const_data_ptr<float>() : nullptr;
 
-  std::vector<std::vector<at::Tensor>> lists{
-      std::vector<at::Tensor>(params.begin(), params.end()),
-      std::vector<at::Tensor>(grads.begin(), grads.end()),
-      std::vector<at::Tensor>(exp_avgs.begin(), exp_avgs.end()),
-      std::vector<at::Tensor>(exp_avg_sqs.begin(), exp_avg_sqs.end())};
+  std::vector<at::TensorList> originals{params, grads, exp_avgs, exp_avg_sqs};
   if (hp.amsgrad) {
-    lists.emplace_back(max_exp_avg_sqs.begin(), max_exp_avg_sqs.end());
+    originals.push_back(max_exp_avg_sqs);
   }
-  std::vector<std::vector<at::Tensor>*> list_ptrs;
-  for (auto& list : lists) {
-    list_ptrs.push_back(&list);
-  }
-  std::vector<bool> written(lists.size(), true);
+  std::vector<bool> written(originals.size(), true);
   written[1] = false;  // grads are read only
-  DenseLayout layout(list_ptrs, written);
+  DenseLayout layout(originals, written);
+  std::vector<std::vector<at::Tensor>> lists;
+  for (size_t k = 0; k < originals.size(); ++k) {
+    lists.push_back(layout.list(k));
+  }
   const std::vector<at::Tensor> steps(state_steps.begin(), state_steps.end());
 
   const auto p = dtypes.param;

@@ -93,21 +93,19 @@ class Adam(FusedOptimizer):
     def _build_lists(self, group: dict) -> list:
         """[((device, dtype), index, [params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps])]
         for the params of ``group`` that have a grad, creating missing state; ``index`` lists the
-        positions in group["params"] of each bucket's params."""
+        positions in group["params"] of each bucket's params (None: all of them, in order)."""
         amsgrad = group["amsgrad"]
+        with_grad = [p for p in group["params"] if p.grad is not None]
+        self._init_state(group, [p for p in with_grad if len(self.state[p]) == 0], ("exp_avg", "exp_avg_sq"))
+        if amsgrad:
+            # Also when amsgrad is switched on mid-training (torch.optim raises KeyError there).
+            self._init_state(group, [p for p in with_grad if "max_exp_avg_sq" not in self.state[p]],
+                             ("max_exp_avg_sq",), step=False)
         buckets: dict = {}
         for i, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
             state = self.state[p]
-            if len(state) == 0:
-                dtype = self._state_dtype(group, p)
-                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-            if amsgrad and "max_exp_avg_sq" not in state:
-                # Also when amsgrad is switched on mid-training (torch.optim raises KeyError there).
-                state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"], memory_format=torch.preserve_format)
             key = (p.device, p.dtype)
             if key not in buckets:
                 buckets[key] = ([], ([], [], [], [], []))
@@ -119,7 +117,8 @@ class Adam(FusedOptimizer):
             if amsgrad:
                 lists[3].append(state["max_exp_avg_sq"])
             lists[4].append(state["step"])
-        return [(key, index, lists) for key, (index, lists) in buckets.items()]
+        everything = list(range(len(group["params"])))
+        return [(key, None if index == everything else index, lists) for key, (index, lists) in buckets.items()]
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -132,12 +131,12 @@ class Adam(FusedOptimizer):
         # params as they were.
         calls = []
         for group in self.param_groups:
-            grads = [p.grad for p in group["params"]]
-            if any(g is not None and g.is_sparse for g in grads):
+            grads, any_sparse, has_grad = ops.grads_of(group["params"])
+            if any_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            for key, index, lists in self._cached_lists(group, grads, self._build_lists,
+            for key, index, lists in self._cached_lists(group, has_grad, self._build_lists,
                                                          (group["amsgrad"], group.get("state_dtype"))):
-                calls.append((group, key, [grads[i] for i in index], lists))
+                calls.append((group, key, grads if index is None else [grads[i] for i in index], lists))
         amp_cache: dict = {}
         for group, (device, _), grads, (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps) in calls:
             grad_scale, found_inf = self._amp_tensors(device, amp_cache)
