@@ -66,20 +66,38 @@ def _sync(device: str) -> None:
 
 
 def _time(fn, device: str, warmup: int, repeats: int, budget_s: float) -> list[float]:
-    for _ in range(warmup):
-        fn()
+    return _time_interleaved({"": fn}, device, warmup, repeats, budget_s)[""]
+
+
+def _time_interleaved(fns: dict, device: str, warmup: int, repeats: int, budget_s: float) -> dict:
+    """Seconds per call of each function, timed in rounds (one call of each per round), so that
+    every implementation sees the same machine noise; a function whose calls have taken more than
+    ``budget_s`` in all stops after at least 3 (the slow per-tensor baselines)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     _sync(device)
-    times = []
-    start = time.perf_counter()
+    times: dict = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-        # Slow baselines (the per-tensor reference) stop early, after at least 3 repeats.
-        if len(times) >= 3 and time.perf_counter() - start > budget_s:
-            break
+        for name, fn in fns.items():
+            if len(times[name]) >= 3 and sum(times[name]) > budget_s:
+                continue
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
     return times
+
+
+def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of memory the optimizer's state tensors occupy (shared buffers counted once)."""
+    storages = {}
+    for state in opt.state.values():
+        for t in state.values():
+            if torch.is_tensor(t):
+                storage = t.untyped_storage()
+                storages[(t.device, storage.data_ptr())] = storage.nbytes()
+    return sum(storages.values())
 
 
 def copy_bandwidth(numel: int, dtype: torch.dtype, device: str, warmup: int, repeats: int) -> float:
@@ -108,20 +126,20 @@ def run(shapes, dtype: torch.dtype, device: str, warmup: int, repeats: int, impl
         label = f"{count} x {numel}"
         total = count * numel
         copy_gbps = copy_bandwidth(total, dtype, device, warmup, repeats)
-        results = {}
+        optimizers = {}
         for name in names:
             bar.set_postfix_str(f"{label}: {name}")
             torch.manual_seed(0)
             params = [torch.nn.Parameter(torch.randn(numel, device=device).to(dtype)) for _ in range(count)]
             for p in params:
                 p.grad = torch.randn_like(p)
-            opt = impls[name](params)
-            times = _time(opt.step, device, warmup, repeats, budget_s)
-            median = statistics.median(times)
-            state_bytes = sum(t.nbytes for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
-            results[name] = (median, len(times), state_bytes)
-            del opt, params
-            bar.update()
+            optimizers[name] = impls[name](params)
+        times = _time_interleaved({name: opt.step for name, opt in optimizers.items()}, device, warmup,
+                                  repeats, budget_s)
+        results = {name: (statistics.median(times[name]), len(times[name]), optimizer_state_bytes(opt))
+                   for name, opt in optimizers.items()}
+        del optimizers
+        bar.update(len(names))
         fused = results.get("torch fused")
         for name, (median, n, state_bytes) in results.items():
             rows.append(Row(
