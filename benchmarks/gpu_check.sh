@@ -19,10 +19,10 @@ if ! "$py" setup.py build_ext --inplace > "$out/build.log" 2>&1; then
 fi
 echo "build ok" | tee -a "$out/summary.txt"
 
-"$py" -m pytest python_tests -q -x -p no:cacheprovider > "$out/tests.log" 2>&1
+"$py" -m pytest python_tests -q -p no:cacheprovider > "$out/tests.log" 2>&1
 echo "tests exit $?: $(tail -1 "$out/tests.log")" | tee -a "$out/summary.txt"
 
-"$py" -m dldna_fused bench --device cuda --no-progress --json "$out/bench.json" > "$out/bench.txt" 2>&1
+"$py" -m dldna_fused bench --device cuda --optimizer adamw,lion,sophia --no-progress --json "$out/bench.json" > "$out/bench.txt" 2>&1
 echo "bench exit $?" | tee -a "$out/summary.txt"
 cat "$out/bench.txt"
 grep -E "FAILED|Error" "$out/tests.log" | head -20

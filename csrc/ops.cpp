@@ -26,6 +26,26 @@ TORCH_LIBRARY(dldna_fused, m) {
       "Tensor lr, float beta1, float beta2, float weight_decay, float eps, bool amsgrad, "
       "bool maximize, bool decoupled_weight_decay, Tensor? grad_scale=None, "
       "Tensor? found_inf=None) -> ()");
+
+  // Lion: p <- p(1 - lr wd) - lr sign(b1 m + (1-b1) g); m <- b2 m + (1-b2) g. state_steps are
+  // incremented (Lion's rule does not read them; they keep torch.optim's state layout).
+  m.def(
+      "fused_lion_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] state_steps, *, float lr, float beta1, float beta2, float weight_decay, "
+      "bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  // SophiaG's step: p <- p(1 - lr wd); m <- b1 m + (1-b1) g;
+  // p <- p - lr sign(m) min(|m| / (rho bs h + 1e-15), 1). `unclipped` (int64, one element), when
+  // given, is increased by the number of coordinates whose ratio was below 1.
+  m.def(
+      "fused_sophia_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor[] hessians, Tensor(c!)[] state_steps, *, float lr, float beta1, float rho, "
+      "float bs, float weight_decay, bool maximize, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None, Tensor(d!)? unclipped=None) -> ()");
+  // SophiaG's Hessian EMA: h <- b2 h + (1-b2) e, with e = (x / grad_scale)^2 when `square` (the
+  // GNB estimator, x the gradients) and e = x / grad_scale otherwise (x = z * Hz, Hutchinson).
+  m.def(
+      "fused_sophia_hessian_(Tensor(a!)[] hessians, Tensor[] estimates, *, float beta2, "
+      "bool square, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
 }
 
 // The ops never record autograd history (the optimizers call them under no_grad, as torch.optim
@@ -35,4 +55,7 @@ TORCH_LIBRARY(dldna_fused, m) {
 TORCH_LIBRARY_IMPL(dldna_fused, Autograd, m) {
   m.impl("fused_adam_", torch::CppFunction::makeFallthrough());
   m.impl("fused_adam_.tensor_lr", torch::CppFunction::makeFallthrough());
+  m.impl("fused_lion_", torch::CppFunction::makeFallthrough());
+  m.impl("fused_sophia_", torch::CppFunction::makeFallthrough());
+  m.impl("fused_sophia_hessian_", torch::CppFunction::makeFallthrough());
 }

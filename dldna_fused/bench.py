@@ -1,9 +1,12 @@
-"""`dldna-fused bench`: one optimizer step of the fused ops against torch.optim and the references.
+"""`dldna-fused bench`: one optimizer step of the fused ops against torch.optim, pure-PyTorch
+(foreach and per-tensor loop) versions, popular libraries where installed, and the references.
 
-Every row is measured in the same run: a warm-up, then repeated steps, reporting the median. Each
-row gives the speed-up over torch.optim's fused step (`x fused`), the effective bandwidth (bytes
-the step must move / time) and, as the practical ceiling, the bandwidth of a plain copy of the same
-number of bytes measured in the same run. Results can be written as JSON and CSV.
+Every row is measured in the same run: a warm-up, then repeated steps in interleaved rounds,
+reporting the median. Each row gives the speed-up over the baseline (`x base`: torch.optim's fused
+step for AdamW; the fastest pure-PyTorch implementation for Lion and Sophia, which torch.optim does
+not have), the effective bandwidth (bytes the step must move / time) and, as the practical ceiling,
+the bandwidth of a plain copy of the same number of bytes measured in the same run. Results can be
+written as JSON and CSV.
 """
 
 from __future__ import annotations
@@ -20,33 +23,76 @@ from dataclasses import asdict, dataclass
 import torch
 
 from dldna_fused import optim, reference
+from dldna_fused.bench_baselines import ForeachLion, ForeachSophia
 
-DEFAULT_SHAPES = "1x20000000,100x200000,2000x2000"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
 class Row:
+    optimizer: str
     shape: str
     implementation: str
     median_ms: float
-    x_vs_torch_fused: float | None
+    speedup: float | None  # baseline time / this row's time
+    baseline: str | None
     effective_gbps: float
     copy_gbps: float
     state_bytes: int
     repeats: int
 
 
-def _implementations(device: str):
-    """name -> factory(params) for AdamW; torch's fused CPU kernel exists since 2.4."""
-    impls = {
-        "dldna_fused": lambda ps: optim.AdamW(ps, lr=1e-3),
-        "torch fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
-        "torch foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
-        "torch for-loop": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=False),
-        "reference": lambda ps: reference.AdamW(ps, lr=1e-3),
+@dataclass
+class Benchmark:
+    title: str
+    default_shapes: str
+    bytes_per_element: int  # elements of the param dtype read plus written per step
+    implementations: dict  # name -> factory(params)
+    pure_pytorch: tuple  # names that count as pure PyTorch (baseline candidates)
+    baseline: str | None = None  # fixed baseline; None: the fastest pure-PyTorch row
+
+
+def _lion_pytorch():
+    try:
+        from lion_pytorch import Lion
+    except ImportError:
+        return {}
+    return {"lion_pytorch": lambda ps: Lion(ps, lr=1e-4, weight_decay=0.1)}
+
+
+def benchmarks() -> dict:
+    """The benchmarked optimizers: AdamW reads p, g, m, v and writes p, m, v; Lion reads p, g, m and
+    writes p, m; Sophia's step reads p, g, m, h and writes p, m."""
+    return {
+        "adamw": Benchmark(
+            "AdamW step", "1x20000000,100x200000,2000x2000", 7,
+            {
+                "dldna_fused": lambda ps: optim.AdamW(ps, lr=1e-3),
+                # torch's fused CPU kernel exists since 2.4.
+                "torch fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
+                "torch foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
+                "torch for-loop": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=False),
+                "reference": lambda ps: reference.AdamW(ps, lr=1e-3),
+            },
+            ("torch foreach", "torch for-loop", "reference"), baseline="torch fused"),
+        "lion": Benchmark(
+            "Lion step", "1x20000000,2000x10000", 5,
+            {
+                "dldna_fused": lambda ps: optim.Lion(ps, lr=1e-4, weight_decay=0.1),
+                "torch foreach": lambda ps: ForeachLion(ps, lr=1e-4, weight_decay=0.1),
+                **_lion_pytorch(),
+                "reference": lambda ps: reference.Lion(ps, lr=1e-4, weight_decay=0.1),
+            },
+            ("torch foreach", "lion_pytorch", "reference")),
+        "sophia": Benchmark(
+            "Sophia step", "1x20000000,2000x10000", 6,
+            {
+                "dldna_fused": lambda ps: optim.Sophia(ps, lr=1e-4),
+                "torch foreach": lambda ps: ForeachSophia(ps, lr=1e-4),
+                "reference": lambda ps: reference.Sophia(ps, lr=1e-4),
+            },
+            ("torch foreach", "reference")),
     }
-    return impls
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -108,17 +154,13 @@ def copy_bandwidth(numel: int, dtype: torch.dtype, device: str, warmup: int, rep
     return 2 * src.nbytes / statistics.median(times) / 1e9
 
 
-def adam_bytes_per_step(numel: int, dtype: torch.dtype) -> int:
-    """Bytes an AdamW step must move: read p, g, m, v and write p, m, v (states in the param dtype)."""
-    return 7 * numel * torch.tensor([], dtype=dtype).element_size()
-
-
-def run(shapes, dtype: torch.dtype, device: str, warmup: int, repeats: int, implementations=None,
-        progress: bool = True, budget_s: float = 10.0) -> list[Row]:
+def run(bench: Benchmark, optimizer_name: str, shapes, dtype: torch.dtype, device: str, warmup: int, repeats: int,
+        implementations=None, progress: bool = True, budget_s: float = 10.0) -> list[Row]:
     from tqdm.auto import tqdm
 
-    impls = _implementations(device)
-    names = implementations or list(impls)
+    impls = bench.implementations
+    names = [n for n in (implementations or list(impls)) if n in impls]
+    element_size = torch.tensor([], dtype=dtype).element_size()
     rows: list[Row] = []
     tasks = [(s, n) for s in shapes for n in names]
     bar = tqdm(total=len(tasks), desc="bench", disable=not progress, file=sys.stderr)
@@ -140,12 +182,17 @@ def run(shapes, dtype: torch.dtype, device: str, warmup: int, repeats: int, impl
                    for name, opt in optimizers.items()}
         del optimizers
         bar.update(len(names))
-        fused = results.get("torch fused")
-        for name, (median, n, state_bytes) in results.items():
+        baseline = bench.baseline
+        if baseline is None:
+            candidates = [n for n in bench.pure_pytorch if n in results]
+            baseline = min(candidates, key=lambda n: results[n][0]) if candidates else None
+        base_time = results[baseline][0] if baseline in results else None
+        for impl, (median, n, state_bytes) in results.items():
             rows.append(Row(
-                shape=label, implementation=name, median_ms=median * 1e3,
-                x_vs_torch_fused=(fused[0] / median) if fused else None,
-                effective_gbps=adam_bytes_per_step(total, dtype) / median / 1e9,
+                optimizer=optimizer_name, shape=label, implementation=impl, median_ms=median * 1e3,
+                speedup=base_time / median if base_time else None,
+                baseline=baseline if base_time else None,
+                effective_gbps=bench.bytes_per_element * element_size * total / median / 1e9,
                 copy_gbps=copy_gbps, state_bytes=state_bytes, repeats=n,
             ))
     bar.close()
@@ -153,12 +200,13 @@ def run(shapes, dtype: torch.dtype, device: str, warmup: int, repeats: int, impl
 
 
 def format_table(rows: list[Row]) -> str:
-    header = f"{'shape':<18}{'implementation':<16}{'median ms':>11}{'x fused':>9}{'GB/s':>8}{'copy GB/s':>11}{'state MB':>10}"
+    header = (f"{'shape':<18}{'implementation':<16}{'median ms':>11}{'x base':>8}{'GB/s':>8}{'copy GB/s':>11}"
+              f"{'state MB':>10}  baseline")
     lines = [header, "-" * len(header)]
     for r in rows:
-        x = f"{r.x_vs_torch_fused:.2f}" if r.x_vs_torch_fused is not None else "-"
-        lines.append(f"{r.shape:<18}{r.implementation:<16}{r.median_ms:>11.2f}{x:>9}{r.effective_gbps:>8.1f}"
-                     f"{r.copy_gbps:>11.1f}{r.state_bytes / 2**20:>10.1f}")
+        x = f"{r.speedup:.2f}" if r.speedup is not None else "-"
+        lines.append(f"{r.shape:<18}{r.implementation:<16}{r.median_ms:>11.2f}{x:>8}{r.effective_gbps:>8.1f}"
+                     f"{r.copy_gbps:>11.1f}{r.state_bytes / 2**20:>10.1f}  {r.baseline or '-'}")
     return "\n".join(lines)
 
 
@@ -170,33 +218,47 @@ def machine_description(device: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shapes", type=parse_shapes, default=parse_shapes(DEFAULT_SHAPES),
-                        help=f"COUNTxNUMEL tensors per case, comma-separated (default {DEFAULT_SHAPES})")
+    parser.add_argument("--optimizer", type=lambda s: s.split(","), default=["adamw"],
+                        help="comma-separated: " + ", ".join(benchmarks()) + " (default adamw)")
+    parser.add_argument("--shapes", type=parse_shapes, default=None,
+                        help="COUNTxNUMEL tensors per case, comma-separated (default per optimizer: "
+                             + "; ".join(f"{k} {b.default_shapes}" for k, b in benchmarks().items()) + ")")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--implementations", type=lambda s: s.split(","), default=None,
-                        help="comma-separated subset of: " + ", ".join(_implementations("cpu")))
+                        help="comma-separated subset of the implementations (default all): "
+                             + "; ".join(f"{k}: {', '.join(b.implementations)}" for k, b in benchmarks().items()))
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     parser.add_argument("--csv", metavar="PATH", help="also write the rows as CSV")
     parser.add_argument("--no-progress", action="store_true")
 
 
 def main(args: argparse.Namespace) -> int:
-    known = _implementations(args.device)
-    for name in args.implementations or []:
+    known = benchmarks()
+    for name in args.optimizer:
         if name not in known:
-            raise SystemExit(f"--implementations: unknown '{name}' (have: {', '.join(known)})")
-    rows = run(args.shapes, DTYPES[args.dtype], args.device, args.warmup, args.repeats,
-               args.implementations, progress=not args.no_progress)
-    print(f"AdamW step, {args.dtype}, {machine_description(args.device)}")
-    print(format_table(rows))
+            raise SystemExit(f"--optimizer: unknown '{name}' (have: {', '.join(known)})")
+    every = {impl for name in args.optimizer for impl in known[name].implementations}
+    for impl in args.implementations or []:
+        if impl not in every:
+            raise SystemExit(f"--implementations: unknown '{impl}' (have: {', '.join(sorted(every))})")
+    rows: list[Row] = []
+    for name in args.optimizer:
+        bench = known[name]
+        shapes = args.shapes or parse_shapes(bench.default_shapes)
+        result = run(bench, name, shapes, DTYPES[args.dtype], args.device, args.warmup, args.repeats,
+                     args.implementations, progress=not args.no_progress)
+        print(f"{bench.title}, {args.dtype}, {machine_description(args.device)}")
+        print(format_table(result))
+        print()
+        rows += result
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine_description(args.device), "dtype": args.dtype,
                        "rows": [asdict(r) for r in rows]}, f, indent=2)
-    if args.csv:
+    if args.csv and rows:
         with open(args.csv, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
             writer.writeheader()

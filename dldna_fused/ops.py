@@ -38,6 +38,9 @@ class _Op:
 
 _adam = _Op("fused_adam_")
 _adam_tensor_lr = _Op("fused_adam_", "tensor_lr")
+_lion = _Op("fused_lion_")
+_sophia = _Op("fused_sophia_")
+_sophia_hessian = _Op("fused_sophia_hessian_")
 
 
 def freeze(tensors: Sequence[torch.Tensor]):
@@ -45,6 +48,11 @@ def freeze(tensors: Sequence[torch.Tensor]):
     eager wrappers take it wherever they take a list. See [Note: eager calls] in
     csrc/python_module.cpp."""
     return _C.FrozenTensorList(list(tensors))
+
+
+def as_list(tensors) -> list:
+    """A Python list of the tensors of ``tensors`` (a list, or a list made by ``freeze``)."""
+    return tensors.tensors if isinstance(tensors, _C.FrozenTensorList) else list(tensors)
 
 
 def grads_of(params: Sequence[torch.Tensor]) -> tuple[list, bool, bytes]:
@@ -102,6 +110,70 @@ def fused_adam_(
     )
 
 
+def fused_lion_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    state_steps: Sequence[torch.Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    maximize: bool,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+) -> None:
+    """One Lion step over lists of tensors, in place: ``p *= 1 - lr*wd``,
+    ``p -= lr * sign(beta1*m + (1-beta1)*g)``, ``m = beta2*m + (1-beta2)*g``. Lists, dtypes,
+    ``state_steps`` (incremented) and GradScaler tensors as in :func:`fused_adam_`."""
+    _lion(params, grads, exp_avgs, state_steps, lr=lr, beta1=beta1, beta2=beta2,
+          weight_decay=weight_decay, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf)
+
+
+def fused_sophia_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    hessians: Sequence[torch.Tensor],
+    state_steps: Sequence[torch.Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    rho: float,
+    bs: float,
+    weight_decay: float,
+    maximize: bool,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    unclipped: torch.Tensor | None = None,
+) -> None:
+    """One SophiaG step over lists of tensors, in place: ``p *= 1 - lr*wd``,
+    ``m = beta1*m + (1-beta1)*g``, ``p -= lr * sign(m) * min(|m| / (rho*bs*h + 1e-15), 1)``.
+    ``hessians`` are read only. ``unclipped`` (int64, one element), when given, is increased by the
+    number of coordinates whose ratio was below 1. Otherwise as :func:`fused_adam_`."""
+    _sophia(params, grads, exp_avgs, hessians, state_steps, lr=lr, beta1=beta1, rho=rho, bs=bs,
+            weight_decay=weight_decay, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf,
+            unclipped=unclipped)
+
+
+def fused_sophia_hessian_(
+    hessians: Sequence[torch.Tensor],
+    estimates: Sequence[torch.Tensor],
+    *,
+    beta2: float,
+    square: bool,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+) -> None:
+    """SophiaG's Hessian EMA over lists, in place: ``h = beta2*h + (1-beta2)*e`` with
+    ``e = (x/grad_scale)**2`` when ``square`` (GNB: ``estimates`` are gradients) and
+    ``e = x/grad_scale`` otherwise (Hutchinson: ``estimates`` are ``z * Hz``). A nonzero
+    ``found_inf`` leaves the hessians untouched."""
+    _sophia_hessian(hessians, estimates, beta2=beta2, square=square, grad_scale=grad_scale,
+                    found_inf=found_inf)
+
+
 def _check_lists_fake(params, grads, *states):
     torch._check(len(grads) == len(params), lambda: "grads must have one tensor per param")
     for p, g in zip(params, grads):
@@ -118,3 +190,18 @@ def _fused_adam_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, stat
 @torch.library.register_fake("dldna_fused::fused_adam_.tensor_lr")
 def _fused_adam_tensor_lr_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **_):
     _check_lists_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
+
+
+@torch.library.register_fake("dldna_fused::fused_lion_")
+def _fused_lion_fake(params, grads, exp_avgs, state_steps, **_):
+    _check_lists_fake(params, grads, exp_avgs, state_steps)
+
+
+@torch.library.register_fake("dldna_fused::fused_sophia_")
+def _fused_sophia_fake(params, grads, exp_avgs, hessians, state_steps, **_):
+    _check_lists_fake(params, grads, exp_avgs, hessians, state_steps)
+
+
+@torch.library.register_fake("dldna_fused::fused_sophia_hessian_")
+def _fused_sophia_hessian_fake(hessians, estimates, **_):
+    _check_lists_fake(hessians, estimates)

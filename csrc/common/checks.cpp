@@ -31,9 +31,10 @@ bool shares_dense_layout(const at::Tensor& t, const at::Tensor& ref) {
 }  // namespace
 
 CallDtypes check_param_lists(const char* op, at::TensorList params, at::TensorList grads,
-                             const std::vector<NamedList>& states) {
+                             const std::vector<NamedList>& states, const char* params_name,
+                             const char* grads_name) {
   const size_t n = params.size();
-  TORCH_CHECK(grads.size() == n, op, ": expected grads to have one tensor per param (", n,
+  TORCH_CHECK(grads.size() == n, op, ": expected ", grads_name, " to have one tensor per param (", n,
               "), got ", grads.size());
   for (const auto& state : states) {
     TORCH_CHECK(state.tensors.size() == n, op, ": expected ", state.name,
@@ -44,42 +45,42 @@ CallDtypes check_param_lists(const char* op, at::TensorList params, at::TensorLi
   }
   const at::ScalarType param_dtype = params[0].scalar_type();
   TORCH_CHECK(is_supported_param_dtype(param_dtype), op,
-              ": params must be float32, bfloat16 or float16, got ", param_dtype,
+              ": ", params_name, " must be float32, bfloat16 or float16, got ", param_dtype,
               " (use torch.optim for other dtypes)");
   const at::Device device = params[0].device();
   at::ScalarType state_dtype = param_dtype;
   if (!states.empty()) {
     state_dtype = states[0].tensors[0].scalar_type();
     TORCH_CHECK(state_dtype == param_dtype || state_dtype == at::kFloat, op, ": ", states[0].name,
-                " must have the params' dtype (", param_dtype, ") or float32, got ", state_dtype);
+                " must have the ", params_name, "' dtype (", param_dtype, ") or float32, got ", state_dtype);
   }
 
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
     const at::Tensor& g = grads[i];
-    TORCH_CHECK(p.layout() == at::kStrided, op, ": params[", i, "] must be a dense tensor, got layout ",
+    TORCH_CHECK(p.layout() == at::kStrided, op, ": ", params_name, "[", i, "] must be a dense tensor, got layout ",
                 p.layout());
-    TORCH_CHECK(p.scalar_type() == param_dtype, op, ": params[", i, "] has dtype ", p.scalar_type(),
-                " but params[0] has ", param_dtype, "; one call takes params of one dtype");
-    TORCH_CHECK(p.device() == device, op, ": params[", i, "] is on ", p.device(),
-                " but params[0] is on ", device, "; one call takes params of one device");
-    TORCH_CHECK(g.layout() == at::kStrided, op, ": grads[", i,
+    TORCH_CHECK(p.scalar_type() == param_dtype, op, ": ", params_name, "[", i, "] has dtype ", p.scalar_type(),
+                " but ", params_name, "[0] has ", param_dtype, "; one call takes params of one dtype");
+    TORCH_CHECK(p.device() == device, op, ": ", params_name, "[", i, "] is on ", p.device(),
+                " but ", params_name, "[0] is on ", device, "; one call takes params of one device");
+    TORCH_CHECK(g.layout() == at::kStrided, op, ": ", grads_name, "[", i,
                 "] is sparse; the fused optimizers take dense gradients only");
-    TORCH_CHECK(g.scalar_type() == param_dtype, op, ": grads[", i, "] has dtype ", g.scalar_type(),
-                " but params[", i, "] has ", param_dtype);
-    TORCH_CHECK(g.device() == device, op, ": grads[", i, "] is on ", g.device(), " but params[", i,
+    TORCH_CHECK(g.scalar_type() == param_dtype, op, ": ", grads_name, "[", i, "] has dtype ", g.scalar_type(),
+                " but ", params_name, "[", i, "] has ", param_dtype);
+    TORCH_CHECK(g.device() == device, op, ": ", grads_name, "[", i, "] is on ", g.device(), " but ", params_name, "[", i,
                 "] is on ", device);
-    TORCH_CHECK(g.sizes() == p.sizes(), op, ": grads[", i, "] has shape ", g.sizes(), " but params[",
+    TORCH_CHECK(g.sizes() == p.sizes(), op, ": ", grads_name, "[", i, "] has shape ", g.sizes(), " but ", params_name, "[",
                 i, "] has shape ", p.sizes());
     for (const auto& state : states) {
       const at::Tensor& s = state.tensors[i];
       TORCH_CHECK(s.layout() == at::kStrided && s.sizes() == p.sizes(), op, ": ", state.name, "[", i,
-                  "] has shape ", s.sizes(), " but params[", i, "] has shape ", p.sizes());
+                  "] has shape ", s.sizes(), " but ", params_name, "[", i, "] has shape ", p.sizes());
       TORCH_CHECK(s.scalar_type() == state_dtype, op, ": ", state.name, "[", i, "] has dtype ",
                   s.scalar_type(), " but ", states[0].name, "[0] has ", state_dtype,
                   "; all optimizer states of one call share a dtype");
       TORCH_CHECK(s.device() == device, op, ": ", state.name, "[", i, "] is on ", s.device(),
-                  " but params[", i, "] is on ", device);
+                  " but ", params_name, "[", i, "] is on ", device);
     }
   }
   return {param_dtype, state_dtype};

@@ -28,8 +28,10 @@ struct NamedList {
 // Checks that params are fp32/bf16/fp16 and all of one dtype and device, that grads match their
 // params (shape, dtype, device, dense layout), and that every state list matches the params in
 // length, shape and device and has one dtype: the params' or, for bf16/fp16 params, float32.
+// params_name/grads_name name the two lists in messages (ops whose lists are not params/grads).
 CallDtypes check_param_lists(const char* op, at::TensorList params, at::TensorList grads,
-                             const std::vector<NamedList>& states);
+                             const std::vector<NamedList>& states, const char* params_name = "params",
+                             const char* grads_name = "grads");
 
 // Per-parameter step counters: one float32 element each, on `device`.
 void check_state_steps(const char* op, at::TensorList state_steps, size_t expected,

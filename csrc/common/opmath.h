@@ -24,7 +24,7 @@
 namespace dldna_fused {
 
 template <typename V>
-struct OpMath;  // sqrt, max, ... for value type V
+struct OpMath;  // sqrt, max, min, abs, sign for value type V
 
 template <>
 struct OpMath<float> {
@@ -35,9 +35,24 @@ struct OpMath<float> {
     return std::sqrt(x);
 #endif
   }
-  // NaN in either input propagates, like at::vec::maximum, so CPU body and tail agree.
+  // NaN in either input propagates, like at::vec::maximum/minimum, so CPU body and tail agree.
   static DLDNA_HOST_DEVICE float max(float a, float b) {
     return (a != a || a > b) ? a : b;
+  }
+  static DLDNA_HOST_DEVICE float min(float a, float b) {
+    return (a != a || a < b) ? a : b;
+  }
+  static DLDNA_HOST_DEVICE float abs(float x) {
+#if defined(__CUDA_ARCH__)
+    return ::fabsf(x);
+#else
+    return std::fabs(x);
+#endif
+  }
+  // torch.sign: 1, -1, 0 for ±0, and NaN for NaN (x * 0 is NaN only for NaN here; ±inf
+  // compare first).
+  static DLDNA_HOST_DEVICE float sign(float x) {
+    return x > 0.f ? 1.f : (x < 0.f ? -1.f : x * 0.f);
   }
 };
 

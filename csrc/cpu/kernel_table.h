@@ -11,9 +11,12 @@
 // (ATEN_CPU_CAPABILITY=default therefore forces the portable kernels in both libraries).
 // The kernel files see raw pointers only: tensors, checks and threading stay in the host files.
 
+#include <atomic>
 #include <cstdint>
 
 #include "common/adam_math.h"
+#include "common/lion_math.h"
+#include "common/sophia_math.h"
 
 namespace dldna_fused::cpu {
 
@@ -41,9 +44,52 @@ struct AdamLaunch {
   const AdamTensorArgs* tensors;
 };
 
+struct LionTensorArgs {
+  void* param;
+  const void* grad;
+  void* exp_avg;
+};
+
+struct LionLaunch {
+  Dtype param_dtype;
+  Dtype state_dtype;
+  LionCoefficients coefficients;
+  const LionTensorArgs* tensors;
+};
+
+struct SophiaTensorArgs {
+  void* param;
+  const void* grad;
+  void* exp_avg;
+  const void* hessian;
+};
+
+struct SophiaLaunch {
+  Dtype param_dtype;
+  Dtype state_dtype;
+  SophiaCoefficients coefficients;
+  const SophiaTensorArgs* tensors;
+  std::atomic<int64_t>* unclipped;  // += coordinates with ratio < 1; nullptr: not counted
+};
+
+struct SophiaHessianTensorArgs {
+  void* hessian;
+  const void* estimate;
+};
+
+struct SophiaHessianLaunch {
+  Dtype estimate_dtype;  // the params' dtype
+  Dtype hessian_dtype;   // the state dtype
+  SophiaHessianCoefficients coefficients;
+  const SophiaHessianTensorArgs* tensors;
+};
+
 struct KernelTable {
   const char* name;
   void (*adam)(const AdamLaunch& launch, const Chunk* chunks, int64_t num_chunks);
+  void (*lion)(const LionLaunch& launch, const Chunk* chunks, int64_t num_chunks);
+  void (*sophia)(const SophiaLaunch& launch, const Chunk* chunks, int64_t num_chunks);
+  void (*sophia_hessian)(const SophiaHessianLaunch& launch, const Chunk* chunks, int64_t num_chunks);
 };
 
 const KernelTable& kernels_default();

@@ -23,6 +23,14 @@ template <>
 struct OpMath<FloatVec> {
   static inline FloatVec sqrt(const FloatVec& x) { return x.sqrt(); }
   static inline FloatVec max(const FloatVec& a, const FloatVec& b) { return at::vec::maximum(a, b); }
+  static inline FloatVec min(const FloatVec& a, const FloatVec& b) { return at::vec::minimum(a, b); }
+  static inline FloatVec abs(const FloatVec& x) { return x.abs(); }
+  // Same as OpMath<float>::sign, lane by lane.
+  static inline FloatVec sign(const FloatVec& x) {
+    const FloatVec zero(0.f);
+    const FloatVec with_zeros = FloatVec::blendv(x * zero, FloatVec(1.f), x > zero);
+    return FloatVec::blendv(with_zeros, FloatVec(-1.f), x < zero);
+  }
 };
 
 // Elements covered by one block of the vector loop, whatever the storage dtype.

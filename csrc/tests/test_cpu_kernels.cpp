@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <functional>
@@ -113,6 +114,39 @@ void test_kernel_builds_agree() {
   }
   // FMA contraction in the AVX2 build may change the last bit.
   expect(at::allclose(results[0], results[1], 1e-6, 1e-7), "portable and AVX2 kernels agree");
+
+  // Lion and Sophia (with the unclipped count), including the sign of exact zeros and NaN.
+  std::vector<at::Tensor> lion, sophia;
+  std::vector<int64_t> unclipped;
+  for (const auto* table : {&dldna_fused::cpu::kernels_default(), avx2}) {
+    at::manual_seed(1);
+    auto p = at::randn({n}), g = at::randn({n}), m = at::randn({n});
+    g.index_put_({at::indexing::Slice(0, 5)}, 0.0);
+    m.index_put_({at::indexing::Slice(0, 5)}, 0.0);
+    g.index_put_({5}, std::nan(""));
+    dldna_fused::cpu::LionTensorArgs largs{p.data_ptr(), g.data_ptr(), m.data_ptr()};
+    const dldna_fused::cpu::LionLaunch llaunch{
+        dldna_fused::cpu::Dtype::Float, dldna_fused::cpu::Dtype::Float,
+        dldna_fused::lion_coefficients(1e-2, 0.9, 0.99, 0.1, 1.f, false), &largs};
+    dldna_fused::cpu::Chunk chunk{0, 0, n};
+    table->lion(llaunch, &chunk, 1);
+    lion.push_back(p);
+
+    auto q = at::randn({n}), gq = at::randn({n}), mq = at::randn({n}), h = at::rand({n});
+    dldna_fused::cpu::SophiaTensorArgs sargs{q.data_ptr(), gq.data_ptr(), mq.data_ptr(), h.data_ptr()};
+    std::atomic<int64_t> count{0};
+    const dldna_fused::cpu::SophiaLaunch slaunch{
+        dldna_fused::cpu::Dtype::Float, dldna_fused::cpu::Dtype::Float,
+        dldna_fused::sophia_coefficients(1e-2, 0.965, 0.5, 2.0, 0.1, 1.f, false), &sargs, &count};
+    table->sophia(slaunch, &chunk, 1);
+    sophia.push_back(q);
+    unclipped.push_back(count.load());
+  }
+  expect(at::allclose(lion[0], lion[1], 1e-6, 1e-7, /*equal_nan=*/true), "Lion kernels agree");
+  expect(lion[0].isnan().sum().item<int64_t>() == 1, "Lion: a NaN gradient gives a NaN param, sign(0) = 0 does not");
+  expect(at::allclose(sophia[0], sophia[1], 1e-6, 1e-7), "Sophia kernels agree");
+  expect(unclipped[0] == unclipped[1] && unclipped[0] > 0 && unclipped[0] < n,
+         "Sophia kernels count the same unclipped coordinates");
 }
 
 void expect_error(const std::function<void()>& call, const std::string& needle) {

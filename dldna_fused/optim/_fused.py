@@ -71,6 +71,22 @@ def check_hyperparameter(name: str, value: Any, low: float, high: float | None =
         raise ValueError(f"{name} must be {bound}, got {value}")
 
 
+def check_betas(betas) -> None:
+    """Raise ValueError naming betas unless it is a pair of numbers in [0, 1)."""
+    if len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    check_hyperparameter("betas[0]", betas[0], 0.0, 1.0)
+    check_hyperparameter("betas[1]", betas[1], 0.0, 1.0)
+
+
+def closure_loss(closure):
+    """The loss of ``closure`` evaluated with grad enabled (steps run under no_grad), or None."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class FusedOptimizer(Optimizer):
     """Base of the dldna_fused optimizers (not for direct use).
 
@@ -172,6 +188,47 @@ class FusedOptimizer(Optimizer):
             if step:
                 for p, t in zip(ps, _packed_steps(device, [0.0] * len(ps))):
                     self.state[p]["step"] = t
+
+    def _build_state_lists(self, group: dict, keys: tuple[str, ...]) -> list:
+        """[((device, dtype), index, [params, *(state[key] for key in keys), steps])] for the params
+        of ``group`` that have a grad, creating the states they miss; ``index`` lists the positions
+        in group["params"] of each bucket's params (None: all of them, in order)."""
+        with_grad = [p for p in group["params"] if p.grad is not None]
+        missing: dict = {}
+        for p in with_grad:
+            state = self.state[p]
+            absent = tuple(key for key in (*keys, "step") if key not in state)
+            if absent:
+                missing.setdefault(absent, []).append(p)
+        for absent, ps in missing.items():
+            self._init_state(group, ps, tuple(k for k in absent if k != "step"), step="step" in absent)
+        buckets: dict = {}
+        for i, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            index, lists = buckets.setdefault((p.device, p.dtype), ([], tuple([] for _ in range(len(keys) + 2))))
+            index.append(i)
+            lists[0].append(p)
+            for k, key in enumerate(keys, start=1):
+                lists[k].append(state[key])
+            lists[-1].append(state["step"])
+        everything = list(range(len(group["params"])))
+        return [(key, None if index == everything else index, list(lists)) for key, (index, lists) in buckets.items()]
+
+    def _collect_calls(self, build, options) -> list:
+        """[(group, (device, dtype), grads, lists)]: one entry per op call of this step, for every
+        group, built (and so checked) before any tensor changes, so that an error leaves every
+        param as it was. ``build(group)`` makes the lists (see _cached_lists); ``options(group)``
+        are the group options it reads."""
+        calls = []
+        for group in self.param_groups:
+            grads, any_sparse, has_grad = ops.grads_of(group["params"])
+            if any_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            for key, index, lists in self._cached_lists(group, has_grad, build, options(group)):
+                calls.append((group, key, grads if index is None else [grads[i] for i in index], lists))
+        return calls
 
     def _pack_state(self) -> None:
         """Re-packs loaded states as in [Note: flat state], with their values."""

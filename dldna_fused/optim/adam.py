@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from dldna_fused import ops
-from dldna_fused.optim._fused import FusedOptimizer, check_hyperparameter
+from dldna_fused.optim._fused import FusedOptimizer, check_betas, check_hyperparameter, closure_loss
 
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
@@ -69,10 +69,7 @@ class Adam(FusedOptimizer):
             raise ValueError(f"lr as a Tensor must have one element, got {lr.numel()}")
         check_hyperparameter("lr", lr, 0.0)
         check_hyperparameter("eps", eps, 0.0)
-        if len(betas) != 2:
-            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        check_hyperparameter("betas[0]", betas[0], 0.0, 1.0)
-        check_hyperparameter("betas[1]", betas[1], 0.0, 1.0)
+        check_betas(betas)
         check_hyperparameter("weight_decay", weight_decay, 0.0)
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
@@ -91,52 +88,19 @@ class Adam(FusedOptimizer):
                 group.setdefault(key, value)
 
     def _build_lists(self, group: dict) -> list:
-        """[((device, dtype), index, [params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps])]
-        for the params of ``group`` that have a grad, creating missing state; ``index`` lists the
-        positions in group["params"] of each bucket's params (None: all of them, in order)."""
-        amsgrad = group["amsgrad"]
-        with_grad = [p for p in group["params"] if p.grad is not None]
-        self._init_state(group, [p for p in with_grad if len(self.state[p]) == 0], ("exp_avg", "exp_avg_sq"))
-        if amsgrad:
+        """_build_state_lists with the op's list order: [params, exp_avgs, exp_avg_sqs,
+        max_exp_avg_sqs (empty unless amsgrad), steps]."""
+        if group["amsgrad"]:
             # Also when amsgrad is switched on mid-training (torch.optim raises KeyError there).
-            self._init_state(group, [p for p in with_grad if "max_exp_avg_sq" not in self.state[p]],
-                             ("max_exp_avg_sq",), step=False)
-        buckets: dict = {}
-        for i, p in enumerate(group["params"]):
-            if p.grad is None:
-                continue
-            state = self.state[p]
-            key = (p.device, p.dtype)
-            if key not in buckets:
-                buckets[key] = ([], ([], [], [], [], []))
-            index, lists = buckets[key]
-            index.append(i)
-            lists[0].append(p)
-            lists[1].append(state["exp_avg"])
-            lists[2].append(state["exp_avg_sq"])
-            if amsgrad:
-                lists[3].append(state["max_exp_avg_sq"])
-            lists[4].append(state["step"])
-        everything = list(range(len(group["params"])))
-        return [(key, None if index == everything else index, lists) for key, (index, lists) in buckets.items()]
+            return self._build_state_lists(group, _STATE_KEYS)
+        return [(key, index, [*lists[:3], [], lists[3]])
+                for key, index, lists in self._build_state_lists(group, _STATE_KEYS[:2])]
 
     @torch.no_grad()
     def step(self, closure=None):
         """Performs one optimization step (``closure`` re-evaluates the model and returns the loss)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        # Collect (and so check) every group before touching any tensor: an error leaves all
-        # params as they were.
-        calls = []
-        for group in self.param_groups:
-            grads, any_sparse, has_grad = ops.grads_of(group["params"])
-            if any_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            for key, index, lists in self._cached_lists(group, has_grad, self._build_lists,
-                                                         (group["amsgrad"], group.get("state_dtype"))):
-                calls.append((group, key, grads if index is None else [grads[i] for i in index], lists))
+        loss = closure_loss(closure)
+        calls = self._collect_calls(self._build_lists, lambda g: (g["amsgrad"], g.get("state_dtype")))
         amp_cache: dict = {}
         for group, (device, _), grads, (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps) in calls:
             grad_scale, found_inf = self._amp_tensors(device, amp_cache)

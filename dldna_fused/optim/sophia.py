@@ -1,0 +1,183 @@
+"""Fused Sophia (Liu et al. 2023, "Sophia: A Scalable Stochastic Second-order Optimizer"), the
+update of the authors' SophiaG, with the GNB and Hutchinson Hessian-diagonal estimators."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dldna_fused import ops
+from dldna_fused.optim._fused import FusedOptimizer, check_betas, check_hyperparameter, closure_loss
+
+ESTIMATORS = ("gnb", "hutchinson")
+
+
+def gnb_loss(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The Gauss-Newton-Bartlett loss: cross-entropy of ``logits`` against labels sampled from the
+    model's own softmax (no gradient flows through the sampling). ``loss.backward()`` then leaves in
+    each ``p.grad`` the gradient whose square :meth:`Sophia.update_hessian` (``estimator="gnb"``)
+    uses as the Hessian-diagonal estimate. ``logits`` are (batch, classes) or (..., classes)."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    with torch.no_grad():
+        labels = torch.multinomial(F.softmax(flat.float(), dim=-1), 1, generator=generator).squeeze(-1)
+    return F.cross_entropy(flat, labels)
+
+
+class Sophia(FusedOptimizer):
+    r"""SophiaG with fused multi-tensor kernels on the CPU and on CUDA: momentum divided by a
+    Hessian-diagonal estimate, clipped per coordinate. Per parameter, with gradient :math:`g_t`
+    (divided by GradScaler's scale when one is in use):
+
+    .. math::
+        \begin{aligned}
+        \theta_{t-1} &\leftarrow \theta_{t-1}(1 - \gamma\lambda) \\
+        m_t &= \beta_1 m_{t-1} + (1-\beta_1) g_t \\
+        \theta_t &= \theta_{t-1} - \gamma\,\operatorname{sign}(m_t)
+            \min\Big(\frac{|m_t|}{\rho\, b\, h + 10^{-15}},\ 1\Big)
+        \end{aligned}
+
+    and, every ``k`` steps, via :meth:`update_hessian`,
+    :math:`h \leftarrow \beta_2 h + (1-\beta_2)\hat h` with :math:`\hat h = g \odot g` from the
+    GNB loss (``estimator="gnb"``, see :func:`gnb_loss`) or :math:`\hat h = z \odot (Hz)` with
+    Rademacher :math:`z` (``estimator="hutchinson"``, after ``loss.backward(create_graph=True)``).
+    :math:`h` starts at 0 and has no bias correction, so until the first update every step is a
+    sign step. :math:`b` is ``bs``, the number of examples (tokens) behind the GNB estimate.
+
+    A training loop::
+
+        loss = F.cross_entropy(model(x), y); loss.backward(); opt.step(); opt.zero_grad()
+        if opt.should_update_hessian():
+            gnb_loss(model(x)).backward(); opt.update_hessian(); opt.zero_grad()
+
+    Tune ``rho`` by :attr:`win_rate`, the fraction of coordinates not clipped at the last step; the
+    authors keep it within 0.1-0.5.
+
+    Args:
+        params: iterable of parameters or param groups.
+        lr: :math:`\gamma` (default 1e-4). betas: :math:`(\beta_1, \beta_2)` (default (0.965, 0.99)).
+        rho: clip scale :math:`\rho` (default 0.04). weight_decay: :math:`\lambda` (default 0.1).
+        k: the advised number of steps between Hessian updates (see :meth:`should_update_hessian`).
+        estimator: ``"gnb"`` or ``"hutchinson"``. bs: :math:`b` (default 1); ``step(bs=...)``
+            overrides it for one step.
+        maximize: ascend the objective. seed: seeds the Rademacher draws of the Hutchinson
+            estimator. state_dtype: ``torch.float32`` keeps fp32 states for bf16/fp16 params.
+
+    State per parameter: ``step``, ``exp_avg`` and ``hessian``.
+    """
+
+    _state_keys = ("exp_avg", "hessian")
+
+    def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.965, 0.99),
+                 rho: float = 0.04, weight_decay: float = 1e-1, *, k: int = 10, estimator: str = "gnb",
+                 bs: float = 1, maximize: bool = False, seed: int | None = None,
+                 state_dtype: torch.dtype | None = None):
+        check_hyperparameter("lr", lr, 0.0)
+        check_betas(betas)
+        check_hyperparameter("rho", rho, 0.0)
+        check_hyperparameter("weight_decay", weight_decay, 0.0)
+        if not (isinstance(k, int) and k >= 1):
+            raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        if not bs > 0:
+            raise ValueError(f"bs must be > 0, got {bs}")
+        defaults = dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, k=k,
+                        estimator=estimator, bs=bs, maximize=maximize)
+        super().__init__(params, defaults, foreach=None, differentiable=False, fused=None,
+                         state_dtype=state_dtype)
+        self._generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self._steps_since_hessian = 0
+        self._unclipped: list = []  # (count tensor, coordinates) of the last step
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("_generator", None)
+        self.__dict__.setdefault("_steps_since_hessian", 0)
+        self.__dict__.setdefault("_unclipped", [])
+
+    def _lists(self, group: dict) -> list:
+        return self._build_state_lists(group, self._state_keys)
+
+    @torch.no_grad()
+    def step(self, closure=None, bs: float | None = None):
+        """Performs one optimization step. ``closure`` re-evaluates the model and returns the loss;
+        ``bs`` overrides the groups' ``bs`` for this step."""
+        if bs is not None and not bs > 0:
+            raise ValueError(f"bs must be > 0, got {bs}")
+        loss = closure_loss(closure)
+        calls = self._collect_calls(self._lists, lambda g: (g.get("state_dtype"),))
+        amp_cache: dict = {}
+        unclipped = []
+        for group, (device, _), grads, (params, exp_avgs, hessians, steps) in calls:
+            grad_scale, found_inf = self._amp_tensors(device, amp_cache)
+            count = torch.zeros(1, dtype=torch.int64, device=device)
+            ops.fused_sophia_(params, grads, exp_avgs, hessians, steps, lr=float(group["lr"]),
+                              beta1=group["betas"][0], rho=group["rho"],
+                              bs=float(bs if bs is not None else group["bs"]),
+                              weight_decay=group["weight_decay"], maximize=group["maximize"],
+                              grad_scale=grad_scale, found_inf=found_inf, unclipped=count)
+            unclipped.append((count, sum(p.numel() for p in ops.as_list(params))))
+        if calls:
+            self._unclipped = unclipped
+            self._steps_since_hessian += 1
+        return loss
+
+    @property
+    def win_rate(self) -> float | None:
+        """Fraction of the coordinates updated at the last step whose ratio
+        :math:`|m| / (\\rho b h + 10^{-15})` was below 1 (not clipped); None before the first step.
+        Reading it synchronizes with the device."""
+        if not self._unclipped:
+            return None
+        total = sum(n for _, n in self._unclipped)
+        return sum(int(c.item()) for c, _ in self._unclipped) / total if total else 0.0
+
+    def should_update_hessian(self) -> bool:
+        """True once ``k`` steps have passed since the last :meth:`update_hessian` (or since the
+        start): the authors' cadence."""
+        return self._steps_since_hessian >= min(g["k"] for g in self.param_groups)
+
+    @torch.no_grad()
+    def update_hessian(self, scaler: torch.amp.GradScaler | None = None) -> None:
+        """Folds a Hessian-diagonal estimate into ``hessian`` for every param with a grad.
+
+        ``estimator="gnb"``: the grads must come from :func:`gnb_loss` (the estimate is
+        :math:`g \odot g`). ``estimator="hutchinson"``: the grads must carry a graph
+        (``loss.backward(create_graph=True)``); a Hessian-vector product with Rademacher :math:`z`
+        gives :math:`z \odot (Hz)`.
+
+        ``scaler``: the GradScaler whose scaled loss produced the grads. Its current scale is
+        divided out (the grads are unscaled in place), and when any grad is inf/nan the hessians
+        are left untouched. The scaler's scale is not changed by this call.
+        """
+        calls = self._collect_calls(self._lists, lambda g: (g.get("state_dtype"),))
+        for group, (device, _), grads, (params, _, hessians, _) in calls:
+            found_inf = None
+            if scaler is not None and scaler.is_enabled():
+                found_inf = torch.zeros(1, dtype=torch.float32, device=device)
+                inv_scale = torch.full((1,), 1.0 / scaler.get_scale(), dtype=torch.float32, device=device)
+                if group["estimator"] == "gnb":
+                    torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
+                else:
+                    # Out of place: the graph through the grads is needed for the Hessian-vector product.
+                    with torch.enable_grad():
+                        grads = [g * inv_scale for g in grads]
+                    finite = torch.stack([torch.isfinite(g.detach()).all() for g in grads]).all()
+                    found_inf = torch.logical_not(finite).float().reshape(1)
+            if group["estimator"] == "gnb":
+                estimates, square = grads, True
+            else:
+                estimates, square = self._hutchinson(ops.as_list(params), grads), False
+            ops.fused_sophia_hessian_(hessians, estimates, beta2=group["betas"][1], square=square,
+                                      found_inf=found_inf)
+        self._steps_since_hessian = 0
+
+    def _hutchinson(self, params: list, grads: list) -> list:
+        if any(g.grad_fn is None for g in grads):
+            raise RuntimeError("Sophia(estimator='hutchinson').update_hessian() needs grads with a graph: "
+                               "call loss.backward(create_graph=True) first")
+        zs = [torch.randint(0, 2, p.shape, generator=self._generator).to(device=p.device, dtype=p.dtype) * 2 - 1
+              for p in params]
+        with torch.enable_grad():
+            hvps = torch.autograd.grad(grads, params, grad_outputs=zs, retain_graph=False, allow_unused=True)
+        return [z * (hz if hz is not None else torch.zeros_like(z)) for z, hz in zip(zs, hvps)]

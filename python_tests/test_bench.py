@@ -1,0 +1,33 @@
+"""`dldna-fused bench` end to end on tiny shapes: every optimizer's rows, the baseline rule, and the
+JSON/CSV outputs."""
+
+import argparse
+import csv
+import json
+
+from dldna_fused import bench
+
+
+def test_bench_runs_every_optimizer_and_picks_its_baseline(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--optimizer", "adamw,lion,sophia", "--shapes", "3x500,1x0", "--warmup", "1",
+                              "--repeats", "3", "--device", "cpu", "--no-progress",
+                              "--json", str(tmp_path / "rows.json"), "--csv", str(tmp_path / "rows.csv")])
+    assert bench.main(args) == 0
+    rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
+    with open(tmp_path / "rows.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    for name, spec in bench.benchmarks().items():
+        ours = [r for r in rows if r["optimizer"] == name and r["shape"] == "3 x 500"]
+        assert {r["implementation"] for r in ours} == set(spec.implementations)
+        baseline = ours[0]["baseline"]
+        if spec.baseline is not None:
+            assert baseline == spec.baseline
+        else:
+            # The fastest pure-PyTorch row is the baseline, so no pure-PyTorch row beats it.
+            pure = [r for r in ours if r["implementation"] in spec.pure_pytorch]
+            assert baseline == min(pure, key=lambda r: r["median_ms"])["implementation"]
+        assert all(r["repeats"] >= 3 and r["median_ms"] > 0 for r in ours)
+        assert next(r for r in ours if r["implementation"] == baseline)["speedup"] == 1.0
+    assert "Sophia step" in capsys.readouterr().out
