@@ -26,11 +26,10 @@ void fused_adam_cpu_impl(at::TensorList params, at::TensorList grads, at::Tensor
     return;
   }
   // A step GradScaler found inf/nan in is skipped whole: params, states and step counters.
-  if (found_inf.has_value() && *found_inf->const_data_ptr<float>() != 0.f) {
+  if (cpu::found_inf_set(found_inf)) {
     return;
   }
-  const float inv_grad_scale =
-      grad_scale.has_value() ? 1.f / *grad_scale->const_data_ptr<float>() : 1.f;
+  const float inv_grad_scale = cpu::inverse_grad_scale(grad_scale);
 
   DenseLayout layout({params, grads, exp_avgs, exp_avg_sqs,
                       hp.amsgrad ? max_exp_avg_sqs : at::TensorList{}},
@@ -38,8 +37,6 @@ void fused_adam_cpu_impl(at::TensorList params, at::TensorList grads, at::Tensor
 
   const size_t n = params.size();
   std::vector<cpu::AdamTensorArgs> args(n);
-  std::vector<int64_t> numels(n);
-  int64_t total = 0;
   // Params of one group almost always share their step count, so the coefficients (two pow()s)
   // are recomputed only when it changes along the list.
   float coefficients_step = -1.f;
@@ -55,12 +52,10 @@ void fused_adam_cpu_impl(at::TensorList params, at::TensorList grads, at::Tensor
     args[i] = {layout.get(0, i).data_ptr(), layout.get(1, i).const_data_ptr(),
                layout.get(2, i).data_ptr(), layout.get(3, i).data_ptr(),
                hp.amsgrad ? layout.get(4, i).data_ptr() : nullptr, c};
-    numels[i] = params[i].numel();
-    total += numels[i];
   }
 
   const cpu::AdamLaunch launch{kernel_dtype(dtypes.param), kernel_dtype(dtypes.state), args.data()};
-  cpu::parallel_over_chunks(cpu::make_chunks(numels), total, cpu::cpu_kernels().adam, launch);
+  cpu::parallel_over_chunks(cpu::make_chunks(params), cpu::cpu_kernels().adam, launch);
   layout.copy_back();
 }
 

@@ -15,15 +15,6 @@
 namespace dldna_fused {
 namespace {
 
-// GradScaler's skip: nothing changes, not even the step counters.
-bool skip_step(const std::optional<at::Tensor>& found_inf) {
-  return found_inf.has_value() && *found_inf->const_data_ptr<float>() != 0.f;
-}
-
-float inverse_scale(const std::optional<at::Tensor>& grad_scale) {
-  return grad_scale.has_value() ? 1.f / *grad_scale->const_data_ptr<float>() : 1.f;
-}
-
 void increment_steps(at::TensorList state_steps) {
   for (const at::Tensor& step : state_steps) {
     *step.data_ptr<float>() += 1.f;
@@ -37,26 +28,22 @@ void fused_lion_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     const std::optional<at::Tensor>& found_inf) {
   const CallDtypes dtypes = check_lion_args(params, grads, exp_avgs, state_steps, lr, beta1, beta2,
                                             weight_decay, grad_scale, found_inf);
-  if (params.empty() || skip_step(found_inf)) {
+  if (params.empty() || cpu::found_inf_set(found_inf)) {
     return;
   }
   DenseLayout layout({params, grads, exp_avgs}, {true, false, true});
   const size_t n = params.size();
   std::vector<cpu::LionTensorArgs> args(n);
-  std::vector<int64_t> numels(n);
-  int64_t total = 0;
   for (size_t i = 0; i < n; ++i) {
     args[i] = {layout.get(0, i).data_ptr(), layout.get(1, i).const_data_ptr(),
                layout.get(2, i).data_ptr()};
-    numels[i] = params[i].numel();
-    total += numels[i];
   }
   increment_steps(state_steps);
   const cpu::LionLaunch launch{
       kernel_dtype(dtypes.param), kernel_dtype(dtypes.state),
-      lion_coefficients(lr, beta1, beta2, weight_decay, inverse_scale(grad_scale), maximize),
+      lion_coefficients(lr, beta1, beta2, weight_decay, cpu::inverse_grad_scale(grad_scale), maximize),
       args.data()};
-  cpu::parallel_over_chunks(cpu::make_chunks(numels), total, cpu::cpu_kernels().lion, launch);
+  cpu::parallel_over_chunks(cpu::make_chunks(params), cpu::cpu_kernels().lion, launch);
   layout.copy_back();
 }
 
@@ -69,27 +56,23 @@ void fused_sophia_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   const CallDtypes dtypes =
       check_sophia_args(params, grads, exp_avgs, hessians, state_steps, lr, beta1, rho, bs,
                         weight_decay, grad_scale, found_inf, unclipped);
-  if (params.empty() || skip_step(found_inf)) {
+  if (params.empty() || cpu::found_inf_set(found_inf)) {
     return;
   }
   DenseLayout layout({params, grads, exp_avgs, hessians}, {true, false, true, false});
   const size_t n = params.size();
   std::vector<cpu::SophiaTensorArgs> args(n);
-  std::vector<int64_t> numels(n);
-  int64_t total = 0;
   for (size_t i = 0; i < n; ++i) {
     args[i] = {layout.get(0, i).data_ptr(), layout.get(1, i).const_data_ptr(),
                layout.get(2, i).data_ptr(), layout.get(3, i).const_data_ptr()};
-    numels[i] = params[i].numel();
-    total += numels[i];
   }
   increment_steps(state_steps);
   std::atomic<int64_t> count{0};
   const cpu::SophiaLaunch launch{
       kernel_dtype(dtypes.param), kernel_dtype(dtypes.state),
-      sophia_coefficients(lr, beta1, rho, bs, weight_decay, inverse_scale(grad_scale), maximize),
+      sophia_coefficients(lr, beta1, rho, bs, weight_decay, cpu::inverse_grad_scale(grad_scale), maximize),
       args.data(), unclipped.has_value() ? &count : nullptr};
-  cpu::parallel_over_chunks(cpu::make_chunks(numels), total, cpu::cpu_kernels().sophia, launch);
+  cpu::parallel_over_chunks(cpu::make_chunks(params), cpu::cpu_kernels().sophia, launch);
   layout.copy_back();
   if (unclipped.has_value()) {
     *unclipped->data_ptr<int64_t>() += count.load();
@@ -101,25 +84,21 @@ void fused_sophia_hessian_cpu(at::TensorList hessians, at::TensorList estimates,
                               const std::optional<at::Tensor>& found_inf) {
   const CallDtypes dtypes =
       check_sophia_hessian_args(hessians, estimates, beta2, grad_scale, found_inf);
-  if (hessians.empty() || skip_step(found_inf)) {
+  if (hessians.empty() || cpu::found_inf_set(found_inf)) {
     return;
   }
   // The estimates fix the layout here, as the params do elsewhere.
   DenseLayout layout({estimates, hessians}, {false, true});
   const size_t n = hessians.size();
   std::vector<cpu::SophiaHessianTensorArgs> args(n);
-  std::vector<int64_t> numels(n);
-  int64_t total = 0;
   for (size_t i = 0; i < n; ++i) {
     args[i] = {layout.get(1, i).data_ptr(), layout.get(0, i).const_data_ptr()};
-    numels[i] = hessians[i].numel();
-    total += numels[i];
   }
   const SophiaHessianCoefficients c{static_cast<float>(beta2), static_cast<float>(1.0 - beta2),
-                                    inverse_scale(grad_scale), square};
+                                    cpu::inverse_grad_scale(grad_scale), square};
   const cpu::SophiaHessianLaunch launch{kernel_dtype(dtypes.param), kernel_dtype(dtypes.state), c,
                                         args.data()};
-  cpu::parallel_over_chunks(cpu::make_chunks(numels), total, cpu::cpu_kernels().sophia_hessian,
+  cpu::parallel_over_chunks(cpu::make_chunks(hessians), cpu::cpu_kernels().sophia_hessian,
                             launch);
   layout.copy_back();
 }

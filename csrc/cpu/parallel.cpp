@@ -8,27 +8,40 @@
 
 namespace dldna_fused::cpu {
 
-std::vector<Chunk> make_chunks(const std::vector<int64_t>& numels) {
+bool found_inf_set(const std::optional<at::Tensor>& found_inf) {
+  return found_inf.has_value() && *found_inf->const_data_ptr<float>() != 0.f;
+}
+
+float inverse_grad_scale(const std::optional<at::Tensor>& grad_scale) {
+  return grad_scale.has_value() ? 1.f / *grad_scale->const_data_ptr<float>() : 1.f;
+}
+
+std::vector<Chunk> make_chunks(at::TensorList tensors) {
   std::vector<Chunk> chunks;
   int64_t count = 0;
-  for (int64_t n : numels) {
-    count += (n + kChunkElements - 1) / kChunkElements;
+  for (const at::Tensor& t : tensors) {
+    count += (t.numel() + kChunkElements - 1) / kChunkElements;
   }
   chunks.reserve(count);
-  for (size_t t = 0; t < numels.size(); ++t) {
-    for (int64_t begin = 0; begin < numels[t]; begin += kChunkElements) {
-      chunks.push_back({static_cast<int64_t>(t), begin, std::min(begin + kChunkElements, numels[t])});
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const int64_t numel = tensors[i].numel();
+    for (int64_t begin = 0; begin < numel; begin += kChunkElements) {
+      chunks.push_back({static_cast<int64_t>(i), begin, std::min(begin + kChunkElements, numel)});
     }
   }
   return chunks;
 }
 
-void parallel_over_chunks(const std::vector<Chunk>& chunks, int64_t total_elements,
+void parallel_over_chunks(const std::vector<Chunk>& chunks,
                           void (*kernel)(const void* launch, const Chunk* chunks, int64_t n),
                           const void* launch) {
   const int64_t num_chunks = static_cast<int64_t>(chunks.size());
   if (num_chunks == 0) {
     return;
+  }
+  int64_t total_elements = 0;
+  for (const Chunk& chunk : chunks) {
+    total_elements += chunk.end - chunk.begin;
   }
   const int64_t mean_chunk = std::max<int64_t>(1, total_elements / num_chunks);
   const int64_t grain = std::max<int64_t>(1, 2 * kChunkElements / mean_chunk);

@@ -3,7 +3,10 @@
 // into one flat list of chunks, and the chunks are spread over torch's intra-op threads together.
 // A step over 2000 small tensors therefore costs one parallel region, not 2000.
 
+#include <ATen/core/Tensor.h>
+
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #include "cpu/kernel_table.h"
@@ -14,17 +17,22 @@ namespace dldna_fused::cpu {
 // tensor still splits over every thread.
 constexpr int64_t kChunkElements = 32768;
 
-// Chunks covering `numels[i]` elements of each tensor i; zero-size tensors get none.
-std::vector<Chunk> make_chunks(const std::vector<int64_t>& numels);
+// GradScaler's tensors as the CPU ops read them: whether found_inf is set (the whole step is then
+// skipped) and 1 / grad_scale (1 without a scaler).
+bool found_inf_set(const std::optional<at::Tensor>& found_inf);
+float inverse_grad_scale(const std::optional<at::Tensor>& grad_scale);
+
+// Chunks covering every element of each tensor; zero-size tensors get none.
+std::vector<Chunk> make_chunks(at::TensorList tensors);
 
 // Runs `kernel(chunks[b..e))` over the threads; each thread gets a contiguous run of chunks and at
 // least ~kChunkElements * 2 elements of work, so tiny calls stay on the calling thread.
-void parallel_over_chunks(const std::vector<Chunk>& chunks, int64_t total_elements,
+void parallel_over_chunks(const std::vector<Chunk>& chunks,
                           void (*kernel)(const void* launch, const Chunk* chunks, int64_t n),
                           const void* launch);
 
 template <typename Launch>
-void parallel_over_chunks(const std::vector<Chunk>& chunks, int64_t total_elements,
+void parallel_over_chunks(const std::vector<Chunk>& chunks,
                           void (*kernel)(const Launch&, const Chunk*, int64_t), const Launch& launch) {
   // One erased signature keeps the threading code out of the headers.
   struct Thunk {
@@ -32,7 +40,7 @@ void parallel_over_chunks(const std::vector<Chunk>& chunks, int64_t total_elemen
     const Launch* launch;
   } thunk{kernel, &launch};
   parallel_over_chunks(
-      chunks, total_elements,
+      chunks,
       [](const void* t, const Chunk* c, int64_t n) {
         const auto* self = static_cast<const Thunk*>(t);
         self->kernel(*self->launch, c, n);
