@@ -46,6 +46,19 @@ TORCH_LIBRARY(dldna_fused, m) {
   m.def(
       "fused_sophia_hessian_(Tensor(a!)[] hessians, Tensor[] estimates, *, float beta2, "
       "bool square, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+
+  // AdaFactor as transformers/fairseq define it (see common/adafactor_math.h). A call is either
+  // factored (exp_avg_sq_rows/exp_avg_sq_cols given, exp_avg_sqs empty; params of >= 2 dims, the
+  // statistics over the last two) or unfactored (exp_avg_sqs given, the rows/cols lists empty).
+  // exp_avgs is empty unless beta1 is given. `rms` receives RMS(p) before the step; lr is used
+  // (and required) only when relative_step is false. All states are float32.
+  m.def(
+      "fused_adafactor_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avg_sq_rows, "
+      "Tensor(c!)[] exp_avg_sq_cols, Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] exp_avgs, "
+      "Tensor(f!)[] rms, Tensor(g!)[] state_steps, *, float? lr, float eps1, float eps2, "
+      "float clip_threshold, float decay_rate, float? beta1, float weight_decay, "
+      "bool scale_parameter, bool relative_step, bool warmup_init, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None) -> ()");
 }
 
 // The ops never record autograd history (the optimizers call them under no_grad, as torch.optim
@@ -58,4 +71,5 @@ TORCH_LIBRARY_IMPL(dldna_fused, Autograd, m) {
   m.impl("fused_lion_", torch::CppFunction::makeFallthrough());
   m.impl("fused_sophia_", torch::CppFunction::makeFallthrough());
   m.impl("fused_sophia_hessian_", torch::CppFunction::makeFallthrough());
+  m.impl("fused_adafactor_", torch::CppFunction::makeFallthrough());
 }

@@ -141,13 +141,14 @@ cpu::Dtype kernel_dtype(at::ScalarType dtype) {
   }
 }
 
-DenseLayout::DenseLayout(std::vector<at::TensorList> lists, std::vector<bool> written)
+DenseLayout::DenseLayout(std::vector<at::TensorList> lists, std::vector<bool> written,
+                         bool contiguous)
     : lists_(std::move(lists)), written_(std::move(written)), copies_(lists_.size()) {
   TORCH_INTERNAL_ASSERT(!lists_.empty() && lists_.size() == written_.size());
   const at::TensorList params = lists_[0];
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& ref = params[i];
-    bool ok = ref.is_contiguous() || ref.is_non_overlapping_and_dense();
+    bool ok = ref.is_contiguous() || (!contiguous && ref.is_non_overlapping_and_dense());
     for (size_t k = 1; ok && k < lists_.size(); ++k) {
       ok = i >= lists_[k].size() || shares_dense_layout(lists_[k][i], ref);
     }

@@ -57,8 +57,10 @@ cpu::Dtype kernel_dtype(at::ScalarType dtype);
 class DenseLayout {
  public:
   // lists[k][i] is the tensor of parameter i in list k (a list may be empty when the call does
-  // not use it); written[k] says whether list k is updated in place.
-  DenseLayout(std::vector<at::TensorList> lists, std::vector<bool> written);
+  // not use it); written[k] says whether list k is updated in place. With `contiguous`, a param
+  // counts as laid out right only when contiguous (kernels that walk rows and columns need the
+  // logical order, not just a dense one).
+  DenseLayout(std::vector<at::TensorList> lists, std::vector<bool> written, bool contiguous = false);
   // The tensor the kernel runs on: lists[k][i] itself or, when that is not laid out like its
   // param, a contiguous copy. Copies are rare, so nothing is allocated for lists without one.
   const at::Tensor& get(size_t k, size_t i) const {

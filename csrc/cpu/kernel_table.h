@@ -14,6 +14,7 @@
 #include <atomic>
 #include <cstdint>
 
+#include "common/adafactor_math.h"
 #include "common/adam_math.h"
 #include "common/lion_math.h"
 #include "common/sophia_math.h"
@@ -84,12 +85,49 @@ struct SophiaHessianLaunch {
   const SophiaHessianTensorArgs* tensors;
 };
 
+// One tensor of a fused_adafactor_ call. See [Note: AdaFactor passes] in common/adafactor_math.h.
+struct AdafactorTensorArgs {
+  void* param;
+  const void* grad;
+  float* exp_avg_sq_row;  // factored: matrices x rows
+  float* exp_avg_sq_col;  // factored: matrices x cols
+  float* exp_avg_sq;      // unfactored
+  float* exp_avg;         // nullptr without a first moment
+  int64_t rows;           // factored: the last two dims; 0 when unfactored
+  int64_t cols;
+  AdafactorDecay decay;
+  // Written between the passes: the mean of R per matrix and rsqrt(C) (factored), and the
+  // constants of pass 3.
+  const float* row_mean;
+  const float* col_rsqrt;
+  AdafactorApply apply;
+};
+
+// The work units are Chunks (whole rows of one matrix in factored tensors); each unit k writes
+// its partial sums to unit_p2[k] / unit_u2[k] and, factored, its column sums of G2 to
+// col_partials + col_offsets[k].
+struct AdafactorLaunch {
+  Dtype param_dtype;  // grads share it; states are float32
+  float eps1;
+  float inv_grad_scale;
+  const AdafactorTensorArgs* tensors;
+  const Chunk* units;
+  const int64_t* col_offsets;
+  float* col_partials;
+  double* unit_p2;  // sum of p^2
+  double* unit_u2;  // sum of U^2
+};
+
 struct KernelTable {
   const char* name;
   void (*adam)(const AdamLaunch& launch, const Chunk* chunks, int64_t num_chunks);
   void (*lion)(const LionLaunch& launch, const Chunk* chunks, int64_t num_chunks);
   void (*sophia)(const SophiaLaunch& launch, const Chunk* chunks, int64_t num_chunks);
   void (*sophia_hessian)(const SophiaHessianLaunch& launch, const Chunk* chunks, int64_t num_chunks);
+  // AdaFactor's passes 1, 2 (factored units only) and 3.
+  void (*adafactor_reduce)(const AdafactorLaunch& launch, const Chunk* units, int64_t num_units);
+  void (*adafactor_update_norm)(const AdafactorLaunch& launch, const Chunk* units, int64_t num_units);
+  void (*adafactor_apply)(const AdafactorLaunch& launch, const Chunk* units, int64_t num_units);
 };
 
 const KernelTable& kernels_default();

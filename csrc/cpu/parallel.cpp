@@ -32,21 +32,20 @@ std::vector<Chunk> make_chunks(at::TensorList tensors) {
   return chunks;
 }
 
-void parallel_over_chunks(const std::vector<Chunk>& chunks,
+void parallel_over_chunks(const Chunk* chunks, int64_t num_chunks,
                           void (*kernel)(const void* launch, const Chunk* chunks, int64_t n),
                           const void* launch) {
-  const int64_t num_chunks = static_cast<int64_t>(chunks.size());
   if (num_chunks == 0) {
     return;
   }
   int64_t total_elements = 0;
-  for (const Chunk& chunk : chunks) {
-    total_elements += chunk.end - chunk.begin;
+  for (int64_t k = 0; k < num_chunks; ++k) {
+    total_elements += chunks[k].end - chunks[k].begin;
   }
   const int64_t mean_chunk = std::max<int64_t>(1, total_elements / num_chunks);
   const int64_t grain = std::max<int64_t>(1, 2 * kChunkElements / mean_chunk);
   at::parallel_for(0, num_chunks, grain, [&](int64_t begin, int64_t end) {
-    kernel(launch, chunks.data() + begin, end - begin);
+    kernel(launch, chunks + begin, end - begin);
   });
 }
 

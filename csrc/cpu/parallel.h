@@ -25,14 +25,15 @@ float inverse_grad_scale(const std::optional<at::Tensor>& grad_scale);
 // Chunks covering every element of each tensor; zero-size tensors get none.
 std::vector<Chunk> make_chunks(at::TensorList tensors);
 
-// Runs `kernel(chunks[b..e))` over the threads; each thread gets a contiguous run of chunks and at
-// least ~kChunkElements * 2 elements of work, so tiny calls stay on the calling thread.
-void parallel_over_chunks(const std::vector<Chunk>& chunks,
+// Runs `kernel(chunks + b, e - b)` over the threads; each thread gets a contiguous run of chunks
+// and at least ~kChunkElements * 2 elements of work, so tiny calls stay on the calling thread.
+// The kernel sees pointers into `chunks` itself.
+void parallel_over_chunks(const Chunk* chunks, int64_t num_chunks,
                           void (*kernel)(const void* launch, const Chunk* chunks, int64_t n),
                           const void* launch);
 
 template <typename Launch>
-void parallel_over_chunks(const std::vector<Chunk>& chunks,
+void parallel_over_chunks(const Chunk* chunks, int64_t num_chunks,
                           void (*kernel)(const Launch&, const Chunk*, int64_t), const Launch& launch) {
   // One erased signature keeps the threading code out of the headers.
   struct Thunk {
@@ -40,12 +41,18 @@ void parallel_over_chunks(const std::vector<Chunk>& chunks,
     const Launch* launch;
   } thunk{kernel, &launch};
   parallel_over_chunks(
-      chunks,
+      chunks, num_chunks,
       [](const void* t, const Chunk* c, int64_t n) {
         const auto* self = static_cast<const Thunk*>(t);
         self->kernel(*self->launch, c, n);
       },
       &thunk);
+}
+
+template <typename Launch>
+void parallel_over_chunks(const std::vector<Chunk>& chunks,
+                          void (*kernel)(const Launch&, const Chunk*, int64_t), const Launch& launch) {
+  parallel_over_chunks(chunks.data(), static_cast<int64_t>(chunks.size()), kernel, launch);
 }
 
 }  // namespace dldna_fused::cpu
