@@ -41,6 +41,7 @@ _adam_tensor_lr = _Op("fused_adam_", "tensor_lr")
 _lion = _Op("fused_lion_")
 _sophia = _Op("fused_sophia_")
 _sophia_hessian = _Op("fused_sophia_hessian_")
+_adafactor = _Op("fused_adafactor_")
 
 
 def freeze(tensors: Sequence[torch.Tensor]):
@@ -174,6 +175,45 @@ def fused_sophia_hessian_(
                     found_inf=found_inf)
 
 
+def fused_adafactor_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avg_sq_rows: Sequence[torch.Tensor],
+    exp_avg_sq_cols: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    rms: Sequence[torch.Tensor],
+    state_steps: Sequence[torch.Tensor],
+    *,
+    lr: float | None,
+    eps1: float,
+    eps2: float,
+    clip_threshold: float,
+    decay_rate: float,
+    beta1: float | None,
+    weight_decay: float,
+    scale_parameter: bool,
+    relative_step: bool,
+    warmup_init: bool,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+) -> None:
+    """One AdaFactor step (transformers/fairseq semantics) over lists of tensors, in place.
+
+    A call is factored (``exp_avg_sq_rows``/``exp_avg_sq_cols`` hold each param's row and column
+    statistics over its last two dims, ``exp_avg_sqs`` is empty) or unfactored (the reverse).
+    ``exp_avgs`` is empty unless ``beta1`` is given; ``rms`` (float32, one element per param)
+    receives RMS(p) before the step; ``lr`` is required exactly when ``relative_step`` is false.
+    States are float32 whatever the params' dtype. Steps and GradScaler tensors as in
+    :func:`fused_adam_`.
+    """
+    _adafactor(params, grads, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_sqs, exp_avgs, rms, state_steps,
+               lr=lr, eps1=eps1, eps2=eps2, clip_threshold=clip_threshold, decay_rate=decay_rate,
+               beta1=beta1, weight_decay=weight_decay, scale_parameter=scale_parameter,
+               relative_step=relative_step, warmup_init=warmup_init, grad_scale=grad_scale,
+               found_inf=found_inf)
+
+
 def _check_lists_fake(params, grads, *states):
     torch._check(len(grads) == len(params), lambda: "grads must have one tensor per param")
     for p, g in zip(params, grads):
@@ -205,3 +245,11 @@ def _fused_sophia_fake(params, grads, exp_avgs, hessians, state_steps, **_):
 @torch.library.register_fake("dldna_fused::fused_sophia_hessian_")
 def _fused_sophia_hessian_fake(hessians, estimates, **_):
     _check_lists_fake(hessians, estimates)
+
+
+@torch.library.register_fake("dldna_fused::fused_adafactor_")
+def _fused_adafactor_fake(params, grads, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_sqs, exp_avgs, rms,
+                          state_steps, **_):
+    _check_lists_fake(params, grads, exp_avgs, exp_avg_sqs, rms, state_steps)
+    torch._check(len(exp_avg_sq_rows) == len(exp_avg_sq_cols),
+                 lambda: "exp_avg_sq_rows and exp_avg_sq_cols must have the same length")

@@ -3,6 +3,7 @@ the collection of tensor lists grouped by (device, dtype) for one op call per gr
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -43,16 +44,31 @@ def _packable(p: torch.Tensor) -> bool:
 def _packed_like(tensors: list, dtype: torch.dtype, sources: list | None = None) -> list:
     """One tensor per ``tensors[i]`` (its shape and strides, on its device, ``dtype``) as views of one
     zero-filled buffer, holding ``sources[i]`` when given. Tensors must share a device."""
-    align = max(1, _SEGMENT_BYTES // torch.empty((), dtype=dtype).element_size())
-    offsets, total = [], 0
-    for t in tensors:
-        offsets.append(total)
-        total += -(-t.numel() // align) * align
-    buffer = torch.zeros(total, dtype=dtype, device=tensors[0].device)
-    views = [buffer.as_strided(t.shape, t.stride(), offset) for t, offset in zip(tensors, offsets)]
+    views = _packed([(t.shape, t.stride()) for t in tensors], dtype, tensors[0].device)
     if sources is not None:
         torch._foreach_copy_(views, sources)
     return views
+
+
+def _packed(layouts: list, dtype: torch.dtype, device: torch.device) -> list:
+    """Zero tensors of the (shape, strides) ``layouts`` (strides None: contiguous) as views of one
+    buffer, each segment 64-byte aligned ([Note: flat state])."""
+    align = max(1, _SEGMENT_BYTES // torch.empty((), dtype=dtype).element_size())
+    offsets, total = [], 0
+    for shape, _ in layouts:
+        offsets.append(total)
+        total += -(-math.prod(shape) // align) * align
+    buffer = torch.zeros(total, dtype=dtype, device=device)
+    return [buffer.as_strided(shape, stride if stride is not None else _contiguous_strides(shape), offset)
+            for (shape, stride), offset in zip(layouts, offsets)]
+
+
+def _contiguous_strides(shape) -> tuple:
+    strides, running = [], 1
+    for size in reversed(shape):
+        strides.append(running)
+        running *= max(size, 1)
+    return tuple(reversed(strides))
 
 
 def _packed_steps(device: torch.device, sources: list) -> list:
@@ -253,27 +269,36 @@ class FusedOptimizer(Optimizer):
                 for p, t in zip(ps, steps):
                     self.state[p]["step"] = t
 
+    def _fp32_state_keys(self, group: dict) -> tuple[str, ...]:
+        """The state keys this group keeps in float32 whatever the params' dtype."""
+        return self._state_keys if group.get("state_dtype") == torch.float32 else ()
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Loads a state_dict of this class or of the torch.optim equivalent.
 
         torch.optim keeps ``step`` on the CPU unless fused or capturable; the kernels read it on the
-        param's device, so it is moved there. States are cast to ``state_dtype`` when set, and
-        re-packed as in [Note: flat state].
+        param's device, so it is moved there. torch.optim casts every floating-point state to its
+        param's dtype, which would round float32 states of bf16/fp16 params; those are taken from
+        ``state_dict`` again, unrounded. States are re-packed as in [Note: flat state].
         """
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        saved_states = [state_dict["state"].get(i) for i in saved_ids]
         super().load_state_dict(state_dict)
         self._invalidate_lists()
+        params = [p for g in self.param_groups for p in g["params"]]
+        originals = {p: saved for p, saved in zip(params, saved_states)}
         for group in self.param_groups:
-            state_dtype = group.get("state_dtype")
+            fp32_keys = self._fp32_state_keys(group)
             for p in group["params"]:
                 state = self.state.get(p)
                 if not state:
                     continue
                 if "step" in state:
                     state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(p.device).reshape(())
-                if state_dtype is not None:
-                    for key in self._state_keys:
-                        if key in state:
-                            state[key] = state[key].to(state_dtype)
+                for key in fp32_keys:
+                    if key in state:
+                        saved = originals[p].get(key, state[key])
+                        state[key] = torch.as_tensor(saved).to(device=p.device, dtype=torch.float32, copy=True)
         self._pack_state()
 
     def _amp_tensors(self, device: torch.device, cache: dict):

@@ -139,7 +139,7 @@ class Sophia(FusedOptimizer):
 
     @torch.no_grad()
     def update_hessian(self, scaler: torch.amp.GradScaler | None = None) -> None:
-        """Folds a Hessian-diagonal estimate into ``hessian`` for every param with a grad.
+        r"""Folds a Hessian-diagonal estimate into ``hessian`` for every param with a grad.
 
         ``estimator="gnb"``: the grads must come from :func:`gnb_loss` (the estimate is
         :math:`g \odot g`). ``estimator="hutchinson"``: the grads must carry a graph

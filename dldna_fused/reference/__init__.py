@@ -1,7 +1,8 @@
 """Plain, readable Python optimizers: the ground truth of the parity tests."""
 
+from dldna_fused.reference.adafactor import Adafactor
 from dldna_fused.reference.adam import Adam, AdamW
 from dldna_fused.reference.lion import Lion
 from dldna_fused.reference.sophia import Sophia
 
-__all__ = ["Adam", "AdamW", "Lion", "Sophia"]
+__all__ = ["Adafactor", "Adam", "AdamW", "Lion", "Sophia"]

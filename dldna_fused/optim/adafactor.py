@@ -1,0 +1,161 @@
+"""Fused AdaFactor (Shazeer & Stern 2018) with the semantics of the transformers/fairseq Adafactor."""
+
+from __future__ import annotations
+
+import torch
+
+from dldna_fused import ops
+from dldna_fused.optim._fused import FusedOptimizer, _packable, _packed, _packed_steps, closure_loss
+from dldna_fused.reference.adafactor import check_adafactor_options
+
+
+def _factored(p: torch.Tensor) -> bool:
+    return p.dim() >= 2
+
+
+class Adafactor(FusedOptimizer):
+    r"""AdaFactor with fused multi-tensor kernels on the CPU and on CUDA: a factored second moment
+    (one row and one column vector per matrix instead of a full tensor), relative step sizes and
+    update clipping, as in the transformers and fairseq Adafactor that most users call.
+
+    Per parameter :math:`\theta` at step :math:`t` (gradient :math:`g`, divided by GradScaler's scale
+    when one is in use), with :math:`G = g \odot g + \epsilon_1`:
+
+    .. math::
+        \begin{aligned}
+        \rho_t &= \begin{cases} \min\big(10^{-6} t \text{ if warmup\_init else } 10^{-2},\;
+                 1/\sqrt{t}\big) & \text{relative\_step} \\ \mathrm{lr} & \text{otherwise}\end{cases} \\
+        \alpha_t &= \max\big(\epsilon_2, \mathrm{RMS}(\theta_{t-1})\big)\,\rho_t
+                 \quad (\rho_t \text{ without scale\_parameter}) \\
+        \hat\beta_{2t} &= 1 - t^{c} \qquad (c = \text{decay\_rate}) \\
+        \text{factored:}\quad R_t &= \hat\beta_{2t} R_{t-1} + (1-\hat\beta_{2t})\,\mathrm{mean}_{-1}(G),
+          \quad C_t = \hat\beta_{2t} C_{t-1} + (1-\hat\beta_{2t})\,\mathrm{mean}_{-2}(G) \\
+        U_t &= g \,/\, \sqrt{R_t C_t / \mathrm{mean}(R_t)} \\
+        \text{unfactored:}\quad V_t &= \hat\beta_{2t} V_{t-1} + (1-\hat\beta_{2t})\,G,
+          \quad U_t = g / \sqrt{V_t} \\
+        U_t &\leftarrow \alpha_t\, U_t / \max\big(1, \mathrm{RMS}(U_t)/d\big) \\
+        m_t &= \beta_1 m_{t-1} + (1-\beta_1) U_t,\quad U_t \leftarrow m_t \quad (\text{if } \beta_1) \\
+        \theta_t &= \theta_{t-1} - \lambda\alpha_t\theta_{t-1} - U_t
+        \end{aligned}
+
+    Params with 2 or more dims are factored over their last two dims (leading dims are batched, so
+    a conv weight ``out x in x kh x kw`` keeps ``out x in x kh`` row and ``out x in x kw`` column
+    statistics); 1-D params keep a full :math:`V`. All statistics are float32 and all math runs in
+    fp32, also for bf16/fp16 params. A zero-size param only counts its step.
+
+    This is not ``torch.optim.Adafactor``, whose ``lr`` only caps :math:`\rho_t`, which has no
+    ``beta1``, ``relative_step`` or ``scale_parameter`` switches and applies :math:`\epsilon_1`
+    differently.
+
+    Args:
+        params: iterable of parameters or param groups.
+        lr: the external learning rate; must be None with ``relative_step=True`` and given
+            without it (as in transformers).
+        eps: :math:`(\epsilon_1, \epsilon_2)`: regularizes the squared gradient, and floors the
+            parameter scale (default (1e-30, 1e-3)).
+        clip_threshold: :math:`d`, the RMS the update is clipped to (default 1.0).
+        decay_rate: :math:`c` (default -0.8).
+        beta1: first-moment coefficient, or None for no first moment (default).
+        weight_decay: :math:`\lambda`, scaled by :math:`\alpha_t` (default 0).
+        scale_parameter: multiply the step size by RMS(θ) (default True).
+        relative_step: time-dependent step size :math:`\rho_t` (default True).
+        warmup_init: linear warm-up of :math:`\rho_t` (needs ``relative_step``; default False).
+
+    State per parameter: ``step`` (float32 0-dim tensor), ``exp_avg_sq_row`` and
+    ``exp_avg_sq_col`` (factored) or ``exp_avg_sq``, ``exp_avg`` (with ``beta1``), and ``RMS``
+    (float32 0-dim tensor, RMS(θ) before the last step).
+    """
+
+    _op_name = "dldna_fused::fused_adafactor_"
+    _state_keys = ("exp_avg", "exp_avg_sq")  # the elementwise ones (see [Note: flat state])
+    _all_state_keys = ("exp_avg", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col", "RMS")
+
+    def __init__(self, params, lr: float | None = None, eps: tuple[float, float] = (1e-30, 1e-3),
+                 clip_threshold: float = 1.0, decay_rate: float = -0.8, beta1: float | None = None,
+                 weight_decay: float = 0.0, scale_parameter: bool = True, relative_step: bool = True,
+                 warmup_init: bool = False):
+        check_adafactor_options(lr, eps, clip_threshold, decay_rate, beta1, weight_decay, relative_step,
+                                warmup_init)
+        defaults = dict(lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1,
+                        weight_decay=weight_decay, scale_parameter=scale_parameter,
+                        relative_step=relative_step, warmup_init=warmup_init)
+        super().__init__(params, defaults, foreach=None, differentiable=False, fused=None, state_dtype=None)
+
+    def _state_dtype(self, group: dict, p: torch.Tensor) -> torch.dtype:
+        return torch.float32
+
+    def _fp32_state_keys(self, group: dict) -> tuple[str, ...]:
+        return self._all_state_keys
+
+    def _init_states(self, group: dict, params: list) -> None:
+        """Creates the states ``params`` miss, each kind as views of one buffer per device."""
+        use_first_moment = group["beta1"] is not None
+        wanted: dict = {}  # (device, key) -> [(param, shape)]
+        for p in params:
+            state = self.state[p]
+            shapes = {"RMS": (), "step": ()}
+            if use_first_moment:
+                shapes["exp_avg"] = p.shape
+            if _factored(p):
+                shapes["exp_avg_sq_row"] = p.shape[:-1]
+                shapes["exp_avg_sq_col"] = p.shape[:-2] + p.shape[-1:]
+            else:
+                shapes["exp_avg_sq"] = p.shape
+            for key, shape in shapes.items():
+                if key in state:
+                    continue
+                if _packable(p):
+                    wanted.setdefault((p.device, key), []).append((p, shape))
+                else:
+                    state[key] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+        for (device, key), entries in wanted.items():
+            if key in ("step", "RMS"):
+                tensors = _packed_steps(device, [0.0] * len(entries))
+            else:
+                tensors = _packed([(shape, None) for _, shape in entries], torch.float32, device)
+            for (p, _), t in zip(entries, tensors):
+                self.state[p][key] = t
+
+    def _build_lists(self, group: dict) -> list:
+        """[((device, dtype, factored), index, [params, rows, cols, sqs, exp_avgs, rms, steps])] for
+        the params of ``group`` with a grad."""
+        self._init_states(group, [p for p in group["params"] if p.grad is not None])
+        use_first_moment = group["beta1"] is not None
+        buckets: dict = {}
+        for i, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            factored = _factored(p)
+            index, lists = buckets.setdefault((p.device, p.dtype, factored), ([], tuple([] for _ in range(7))))
+            index.append(i)
+            lists[0].append(p)
+            if factored:
+                lists[1].append(state["exp_avg_sq_row"])
+                lists[2].append(state["exp_avg_sq_col"])
+            else:
+                lists[3].append(state["exp_avg_sq"])
+            if use_first_moment:
+                lists[4].append(state["exp_avg"])
+            lists[5].append(state["RMS"])
+            lists[6].append(state["step"])
+        everything = list(range(len(group["params"])))
+        return [(key, None if index == everything else index, list(lists)) for key, (index, lists) in buckets.items()]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Performs one optimization step (``closure`` re-evaluates the model and returns the loss)."""
+        loss = closure_loss(closure)
+        calls = self._collect_calls(self._build_lists, lambda g: (g["beta1"] is not None,))
+        amp_cache: dict = {}
+        for group, (device, _, _), grads, (params, rows, cols, sqs, exp_avgs, rms, steps) in calls:
+            grad_scale, found_inf = self._amp_tensors(device, amp_cache)
+            eps1, eps2 = group["eps"]
+            ops.fused_adafactor_(
+                params, grads, rows, cols, sqs, exp_avgs, rms, steps,
+                lr=None if group["relative_step"] else float(group["lr"]), eps1=eps1, eps2=eps2,
+                clip_threshold=group["clip_threshold"], decay_rate=group["decay_rate"], beta1=group["beta1"],
+                weight_decay=group["weight_decay"], scale_parameter=group["scale_parameter"],
+                relative_step=group["relative_step"], warmup_init=group["warmup_init"],
+                grad_scale=grad_scale, found_inf=found_inf)
+        return loss

@@ -1,0 +1,133 @@
+"""AdaFactor as a plain per-tensor loop (Shazeer & Stern 2018, in the transformers/fairseq form).
+
+The ground truth of the parity tests and the version to read; same constructor and state layout
+as dldna_fused.optim.Adafactor.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.optim import Optimizer
+
+
+def check_adafactor_options(lr, eps, clip_threshold, decay_rate, beta1, weight_decay, relative_step,
+                            warmup_init) -> None:
+    """Raise ValueError for the argument combinations transformers' Adafactor rejects, and for
+    values outside their domains."""
+    if lr is not None and relative_step:
+        raise ValueError("Cannot combine manual `lr` and `relative_step=True` options "
+                         "(pass lr=None, or relative_step=False)")
+    if lr is None and not relative_step:
+        raise ValueError("`relative_step=False` requires a manual `lr`, got lr=None")
+    if warmup_init and not relative_step:
+        raise ValueError("`warmup_init=True` requires `relative_step=True`")
+    if lr is not None and lr < 0.0:
+        raise ValueError(f"lr must be >= 0, got {lr}")
+    if len(eps) != 2 or eps[0] < 0.0 or eps[1] < 0.0:
+        raise ValueError(f"eps must be a pair (eps1, eps2) of numbers >= 0, got {eps!r}")
+    if clip_threshold <= 0.0:
+        raise ValueError(f"clip_threshold must be > 0, got {clip_threshold}")
+    if decay_rate > 0.0:
+        raise ValueError(f"decay_rate must be <= 0 (beta2_t = 1 - t**decay_rate), got {decay_rate}")
+    if beta1 is not None and not 0.0 <= beta1 < 1.0:
+        raise ValueError(f"beta1 must be None or in [0, 1), got {beta1}")
+    if weight_decay < 0.0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+
+
+def _rms(x: torch.Tensor) -> torch.Tensor:
+    return x.norm(2) / math.sqrt(x.numel())
+
+
+class Adafactor(Optimizer):
+    r"""AdaFactor, transformers/fairseq semantics; the math runs in fp32 (fp64 for fp64 params).
+
+    Per parameter, at step :math:`t` with gradient :math:`g` and :math:`G = g^2 + \epsilon_1`:
+    :math:`\rho_t = \min(10^{-6}t \text{ (warmup) or } 10^{-2}, 1/\sqrt{t})` (or lr),
+    :math:`\alpha_t = \max(\epsilon_2, \mathrm{RMS}(\theta))\rho_t` (scale_parameter),
+    :math:`\hat\beta_{2t} = 1 - t^{c}`; factored params keep row and column EMAs :math:`R, C` of
+    :math:`G`'s means and use :math:`U = g / \sqrt{R C / \mathrm{mean}(R)}`, others an EMA :math:`V`
+    and :math:`U = g/\sqrt{V}`; then :math:`U \leftarrow \alpha_t U / \max(1, \mathrm{RMS}(U)/d)`,
+    optional momentum, :math:`\theta \leftarrow \theta - \lambda\alpha_t\theta - U`.
+    """
+
+    def __init__(self, params, lr=None, eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8,
+                 beta1=None, weight_decay=0.0, scale_parameter=True, relative_step=True,
+                 warmup_init=False):
+        check_adafactor_options(lr, eps, clip_threshold, decay_rate, beta1, weight_decay, relative_step,
+                                warmup_init)
+        defaults = dict(lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1,
+                        weight_decay=weight_decay, scale_parameter=scale_parameter,
+                        relative_step=relative_step, warmup_init=warmup_init)
+        super().__init__(params, defaults)
+
+    @staticmethod
+    def _init_state(state: dict, p: torch.Tensor, group: dict) -> None:
+        dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        state["RMS"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        if group["beta1"] is not None:
+            state["exp_avg"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+        if p.dim() >= 2:
+            state["exp_avg_sq_row"] = torch.zeros(p.shape[:-1], dtype=dtype, device=p.device)
+            state["exp_avg_sq_col"] = torch.zeros(p.shape[:-2] + p.shape[-1:], dtype=dtype, device=p.device)
+        else:
+            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            eps1, eps2 = group["eps"]
+            beta1 = group["beta1"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if len(state) == 0:
+                    self._init_state(state, p, group)
+                state["step"] += 1
+                t = state["step"].item()
+                if p.numel() == 0:
+                    continue  # nothing to scale; RMS of nothing stays 0
+                dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+                g = p.grad.to(dtype)
+                theta = p.to(dtype)
+
+                rms = _rms(theta)
+                state["RMS"].copy_(rms)
+                rho = group["lr"]
+                if group["relative_step"]:
+                    rho = min(1e-6 * t if group["warmup_init"] else 1e-2, 1.0 / math.sqrt(t))
+                alpha = max(eps2, rms.item()) * rho if group["scale_parameter"] else rho
+                beta2t = 1.0 - t ** group["decay_rate"]
+
+                g2 = g * g + eps1
+                if p.dim() >= 2:
+                    row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+                    row.mul_(beta2t).add_(g2.mean(dim=-1), alpha=1.0 - beta2t)
+                    col.mul_(beta2t).add_(g2.mean(dim=-2), alpha=1.0 - beta2t)
+                    r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt().unsqueeze(-1)
+                    c_factor = col.unsqueeze(-2).rsqrt()
+                    update = (r_factor * c_factor) * g
+                else:
+                    sq = state["exp_avg_sq"]
+                    sq.mul_(beta2t).add_(g2, alpha=1.0 - beta2t)
+                    update = sq.rsqrt() * g
+                # The clip only shrinks: divide by max(1, RMS(U) / d).
+                update = update / (_rms(update) / group["clip_threshold"]).clamp(min=1.0)
+                update = update * alpha
+                if beta1 is not None:
+                    m = state["exp_avg"]
+                    m.mul_(beta1).add_(update, alpha=1.0 - beta1)
+                    update = m
+                if group["weight_decay"] != 0.0:
+                    theta.add_(theta, alpha=-group["weight_decay"] * alpha)
+                theta.sub_(update)
+                p.copy_(theta)
+        return loss
