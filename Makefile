@@ -49,7 +49,7 @@ python-test: build
 test: build cpp-test python-test
 
 bench: build
-	$(VENV)/bin/dldna-fused bench --optimizer adamw,lion,sophia
+	$(VENV)/bin/dldna-fused bench --optimizer adamw,lion,sophia,adafactor
 
 demo: bench
 

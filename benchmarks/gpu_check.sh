@@ -22,7 +22,7 @@ echo "build ok" | tee -a "$out/summary.txt"
 "$py" -m pytest python_tests -q -p no:cacheprovider > "$out/tests.log" 2>&1
 echo "tests exit $?: $(tail -1 "$out/tests.log")" | tee -a "$out/summary.txt"
 
-"$py" -m dldna_fused bench --device cuda --optimizer adamw,lion,sophia --no-progress --json "$out/bench.json" > "$out/bench.txt" 2>&1
+"$py" -m dldna_fused bench --device cuda --optimizer adamw,lion,sophia,adafactor --no-progress --json "$out/bench.json" > "$out/bench.txt" 2>&1
 echo "bench exit $?" | tee -a "$out/summary.txt"
 cat "$out/bench.txt"
 grep -E "FAILED|Error" "$out/tests.log" | head -20

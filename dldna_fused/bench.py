@@ -4,7 +4,7 @@
 Every row is measured in the same run: a warm-up, then repeated steps in interleaved rounds,
 reporting the median. Each row gives the speed-up over the baseline (`x base`: torch.optim's fused
 step for AdamW; the fastest pure-PyTorch implementation for Lion and Sophia, which torch.optim does
-not have), the effective bandwidth (bytes the step must move / time) and, as the practical ceiling,
+not have, and the faster mode of torch.optim.Adafactor for AdaFactor), the effective bandwidth (bytes the step must move / time) and, as the practical ceiling,
 the bandwidth of a plain copy of the same number of bytes measured in the same run. Results can be
 written as JSON and CSV.
 """
@@ -17,6 +17,7 @@ import json
 import platform
 import statistics
 import sys
+import math
 import time
 from dataclasses import asdict, dataclass
 
@@ -40,6 +41,7 @@ class Row:
     copy_gbps: float
     state_bytes: int
     repeats: int
+    error: str | None = None  # the implementation failed on this case (e.g. a zero-size tensor)
 
 
 @dataclass
@@ -60,9 +62,19 @@ def _lion_pytorch():
     return {"lion_pytorch": lambda ps: Lion(ps, lr=1e-4, weight_decay=0.1)}
 
 
+def _transformers_adafactor():
+    try:
+        from transformers.optimization import Adafactor
+    except ImportError:
+        return {}
+    return {"transformers": lambda ps: Adafactor(ps)}
+
+
 def benchmarks() -> dict:
     """The benchmarked optimizers: AdamW reads p, g, m, v and writes p, m, v; Lion reads p, g, m and
-    writes p, m; Sophia's step reads p, g, m, h and writes p, m."""
+    writes p, m; Sophia's step reads p, g, m, h and writes p, m. AdaFactor on matrices makes three
+    passes (common/adafactor_math.h): it reads g three times and p twice and writes p once; its
+    table also times our AdamW on the same params, for the state size next to AdaFactor's."""
     return {
         "adamw": Benchmark(
             "AdamW step", "1x20000000,100x200000,2000x2000", 7,
@@ -92,17 +104,30 @@ def benchmarks() -> dict:
                 "reference": lambda ps: reference.Sophia(ps, lr=1e-4),
             },
             ("torch foreach", "reference")),
+        "adafactor": Benchmark(
+            "AdaFactor step", "1x4096x4883,200x316x316", 6,
+            {
+                "dldna_fused": lambda ps: optim.Adafactor(ps),
+                # torch.optim.Adafactor (2.5+): lr only caps the relative step there.
+                "torch foreach": lambda ps: torch.optim.Adafactor(ps, foreach=True),
+                "torch for-loop": lambda ps: torch.optim.Adafactor(ps, foreach=False),
+                **_transformers_adafactor(),
+                "reference": lambda ps: reference.Adafactor(ps),
+                "AdamW (ours)": lambda ps: optim.AdamW(ps, lr=1e-3),
+            },
+            ("torch foreach", "torch for-loop")),
     }
 
 
-def parse_shapes(text: str) -> list[tuple[int, int]]:
-    """"COUNTxNUMEL,..." -> [(count, numel)]."""
+def parse_shapes(text: str) -> list[tuple[int, tuple[int, ...]]]:
+    """"COUNTxNUMEL,..." or "COUNTxROWSxCOLS,..." -> [(count, shape)]."""
     shapes = []
     for item in text.split(","):
-        count, _, numel = item.strip().lower().partition("x")
-        if not numel:
-            raise argparse.ArgumentTypeError(f"shape {item!r} is not COUNTxNUMEL, e.g. 2000x2000")
-        shapes.append((int(count), int(numel)))
+        parts = item.strip().lower().split("x")
+        if len(parts) < 2 or not all(p.isdigit() for p in parts):
+            raise argparse.ArgumentTypeError(
+                f"shape {item!r} is not COUNTxNUMEL or COUNTxROWSxCOLS, e.g. 2000x2000 or 200x316x316")
+        shapes.append((int(parts[0]), tuple(int(p) for p in parts[1:])))
     return shapes
 
 
@@ -164,24 +189,36 @@ def run(bench: Benchmark, optimizer_name: str, shapes, dtype: torch.dtype, devic
     rows: list[Row] = []
     tasks = [(s, n) for s in shapes for n in names]
     bar = tqdm(total=len(tasks), desc="bench", disable=not progress, file=sys.stderr)
-    for count, numel in shapes:
-        label = f"{count} x {numel}"
-        total = count * numel
+    for count, shape in shapes:
+        label = f"{count} x {'x'.join(map(str, shape))}"
+        total = count * math.prod(shape)
         copy_gbps = copy_bandwidth(total, dtype, device, warmup, repeats)
         optimizers = {}
         for name in names:
             bar.set_postfix_str(f"{label}: {name}")
             torch.manual_seed(0)
-            params = [torch.nn.Parameter(torch.randn(numel, device=device).to(dtype)) for _ in range(count)]
+            params = [torch.nn.Parameter(torch.randn(shape, device=device).to(dtype)) for _ in range(count)]
             for p in params:
                 p.grad = torch.randn_like(p)
             optimizers[name] = impls[name](params)
+        failed = {}
+        for name, opt in list(optimizers.items()):
+            # A library that cannot take this case gets an error row instead of ending the run.
+            try:
+                opt.step()
+            except Exception as e:  # noqa: BLE001 - any failure of a third-party step is reported
+                failed[name] = f"{type(e).__name__}: {e}"
+                del optimizers[name]
         times = _time_interleaved({name: opt.step for name, opt in optimizers.items()}, device, warmup,
                                   repeats, budget_s)
         results = {name: (statistics.median(times[name]), len(times[name]), optimizer_state_bytes(opt))
                    for name, opt in optimizers.items()}
         del optimizers
         bar.update(len(names))
+        for name, error in failed.items():
+            rows.append(Row(optimizer=optimizer_name, shape=label, implementation=name, median_ms=float("nan"),
+                            speedup=None, baseline=None, effective_gbps=float("nan"), copy_gbps=copy_gbps,
+                            state_bytes=0, repeats=0, error=error))
         baseline = bench.baseline
         if baseline is None:
             candidates = [n for n in bench.pure_pytorch if n in results]
@@ -204,9 +241,12 @@ def format_table(rows: list[Row]) -> str:
               f"{'state MB':>10}  baseline")
     lines = [header, "-" * len(header)]
     for r in rows:
+        if r.error is not None:
+            lines.append(f"{r.shape:<18}{r.implementation:<16}  failed: {r.error[:80]}")
+            continue
         x = f"{r.speedup:.2f}" if r.speedup is not None else "-"
         lines.append(f"{r.shape:<18}{r.implementation:<16}{r.median_ms:>11.2f}{x:>8}{r.effective_gbps:>8.1f}"
-                     f"{r.copy_gbps:>11.1f}{r.state_bytes / 2**20:>10.1f}  {r.baseline or '-'}")
+                     f"{r.copy_gbps:>11.1f}{r.state_bytes / 2**20:>10.3f}  {r.baseline or '-'}")
     return "\n".join(lines)
 
 
@@ -221,7 +261,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimizer", type=lambda s: s.split(","), default=["adamw"],
                         help="comma-separated: " + ", ".join(benchmarks()) + " (default adamw)")
     parser.add_argument("--shapes", type=parse_shapes, default=None,
-                        help="COUNTxNUMEL tensors per case, comma-separated (default per optimizer: "
+                        help="COUNTxNUMEL or COUNTxROWSxCOLS tensors per case, comma-separated (default per optimizer: "
                              + "; ".join(f"{k} {b.default_shapes}" for k, b in benchmarks().items()) + ")")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
