@@ -95,14 +95,6 @@ def check_betas(betas) -> None:
     check_hyperparameter("betas[1]", betas[1], 0.0, 1.0)
 
 
-def closure_loss(closure):
-    """The loss of ``closure`` evaluated with grad enabled (steps run under no_grad), or None."""
-    if closure is None:
-        return None
-    with torch.enable_grad():
-        return closure()
-
-
 class FusedOptimizer(Optimizer):
     """Base of the dldna_fused optimizers (not for direct use).
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from dldna_fused import ops
-from dldna_fused.optim._fused import FusedOptimizer, _packable, _packed, _packed_steps, closure_loss
+from dldna_fused._closure import closure_loss
+from dldna_fused.optim._fused import FusedOptimizer, _packable, _packed, _packed_steps
 from dldna_fused.reference.adafactor import check_adafactor_options
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from dldna_fused import ops
-from dldna_fused.optim._fused import FusedOptimizer, check_betas, check_hyperparameter, closure_loss
+from dldna_fused._closure import closure_loss
+from dldna_fused.optim._fused import FusedOptimizer, check_betas, check_hyperparameter
 
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from dldna_fused import ops
-from dldna_fused.optim._fused import FusedOptimizer, check_betas, check_hyperparameter, closure_loss
+from dldna_fused._closure import closure_loss
+from dldna_fused.optim._fused import FusedOptimizer, check_betas, check_hyperparameter
 
 ESTIMATORS = ("gnb", "hutchinson")
 

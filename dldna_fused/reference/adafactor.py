@@ -11,6 +11,8 @@ import math
 import torch
 from torch.optim import Optimizer
 
+from dldna_fused._closure import closure_loss
+
 
 def check_adafactor_options(lr, eps, clip_threshold, decay_rate, beta1, weight_decay, relative_step,
                             warmup_init) -> None:
@@ -78,10 +80,7 @@ class Adafactor(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             eps1, eps2 = group["eps"]
             beta1 = group["beta1"]

@@ -12,6 +12,8 @@ import math
 import torch
 from torch.optim import Optimizer
 
+from dldna_fused._closure import closure_loss
+
 
 class Adam(Optimizer):
     r"""Adam (``decoupled_weight_decay=False``, L2 added to the gradient) or AdamW.
@@ -47,10 +49,7 @@ class Adam(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             lr = float(group["lr"])
             beta1, beta2 = group["betas"]

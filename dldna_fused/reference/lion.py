@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch.optim import Optimizer
 
+from dldna_fused._closure import closure_loss
+
 
 class Lion(Optimizer):
     r"""Lion: :math:`\theta \leftarrow \theta(1-\gamma\lambda) - \gamma\,\mathrm{sign}(\beta_1 m +
@@ -30,10 +32,7 @@ class Lion(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             lr, wd = group["lr"], group["weight_decay"]
             beta1, beta2 = group["betas"]

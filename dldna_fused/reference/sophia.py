@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch.optim import Optimizer
 
+from dldna_fused._closure import closure_loss
+
 
 class Sophia(Optimizer):
     r"""SophiaG: :math:`\theta \leftarrow \theta(1-\gamma\lambda)`,
@@ -46,10 +48,7 @@ class Sophia(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None, bs=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         unclipped, total = 0, 0
         for group in self.param_groups:
             lr, wd, rho = group["lr"], group["weight_decay"], group["rho"]
