@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from dldna_fused import bench
+from dldna_fused.experiments import compare
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,6 +15,10 @@ def build_parser() -> argparse.ArgumentParser:
                                   description=bench.__doc__)
     bench.add_arguments(bench_parser)
     bench_parser.set_defaults(run=bench.main)
+    compare_parser = sub.add_parser("compare", help="train a model with each optimizer and compare the curves",
+                                    description=compare.__doc__)
+    compare.add_arguments(compare_parser)
+    compare_parser.set_defaults(run=compare.main)
     return parser
 
 

@@ -1,0 +1,140 @@
+"""The chapter's models: its MLP (``SimpleNetwork``), and a small CNN and a small ViT-style
+Transformer for 32 x 32 images, sized to train on a CPU in minutes on a subset.
+
+Every model records the arguments it was built with (``config()``), so a checkpoint can rebuild it
+(training.load_model).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def activation_name(act: nn.Module) -> str:
+    return type(act).__name__
+
+
+def make_activation(name: str) -> nn.Module:
+    """``nn.<name>()``: the activation a checkpoint names."""
+    cls = getattr(nn, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"unknown activation {name!r} (expected a torch.nn module name such as 'ReLU')")
+    return cls()
+
+
+class SimpleNetwork(nn.Module):
+    """The chapter's MLP: flatten, then ``Linear -> act`` per hidden width, then a linear classifier.
+
+    ``input_shape`` is the number of input features (784 for 28 x 28 images, 64 for digits).
+    """
+
+    def __init__(self, act_func: nn.Module | None = None, input_shape: int = 784,
+                 hidden_shape: list[int] | tuple[int, ...] = (512, 64), num_labels: int = 10):
+        super().__init__()
+        self.act_func = act_func if act_func is not None else nn.ReLU()
+        self.input_shape = int(input_shape)
+        self.hidden_shape = [int(h) for h in hidden_shape]
+        self.num_labels = int(num_labels)
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = self.input_shape
+        # The activation module is shared between layers: it has no state unless it is e.g. PReLU,
+        # whose one slope the chapter's model also shares.
+        for h in self.hidden_shape:
+            layers += [nn.Linear(width, h), self.act_func]
+            width = h
+        layers.append(nn.Linear(width, self.num_labels))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+    def config(self) -> dict:
+        return dict(act_func=activation_name(self.act_func), input_shape=self.input_shape,
+                    hidden_shape=self.hidden_shape, num_labels=self.num_labels)
+
+
+class SmallCNN(nn.Module):
+    """Three conv blocks (conv 3x3, BatchNorm, activation; max-pool after the first two), global
+    average pooling and a linear classifier: ~0.1M parameters at width 32, any image size >= 4."""
+
+    def __init__(self, act_func: nn.Module | None = None, in_channels: int = 3, num_labels: int = 100,
+                 width: int = 32):
+        super().__init__()
+        self.act_func = act_func if act_func is not None else nn.ReLU()
+        self.in_channels, self.num_labels, self.width = int(in_channels), int(num_labels), int(width)
+        w = self.width
+        self.features = nn.Sequential(
+            nn.Conv2d(self.in_channels, w, 3, padding=1), nn.BatchNorm2d(w), self.act_func, nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1), nn.BatchNorm2d(2 * w), self.act_func, nn.MaxPool2d(2),
+            nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.BatchNorm2d(4 * w), self.act_func,
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.classifier = nn.Linear(4 * w, self.num_labels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+    def config(self) -> dict:
+        return dict(act_func=activation_name(self.act_func), in_channels=self.in_channels,
+                    num_labels=self.num_labels, width=self.width)
+
+
+class SmallViT(nn.Module):
+    """A ViT-style classifier: non-overlapping patches embedded by a strided conv, a class token,
+    learned position embeddings, pre-norm Transformer encoder layers, and a linear head on the class
+    token. Defaults (32 x 32 images, 4 x 4 patches, dim 96, depth 4) give ~0.3M parameters."""
+
+    def __init__(self, act_func: nn.Module | None = None, image_size: int = 32, patch_size: int = 4,
+                 in_channels: int = 3, num_labels: int = 100, dim: int = 96, depth: int = 4, heads: int = 4,
+                 mlp_dim: int = 192, dropout: float = 0.0):
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"image_size ({image_size}) must be a multiple of patch_size ({patch_size})")
+        self.act_func = act_func if act_func is not None else nn.GELU()
+        self._config = dict(image_size=image_size, patch_size=patch_size, in_channels=in_channels,
+                            num_labels=num_labels, dim=dim, depth=depth, heads=heads, mlp_dim=mlp_dim,
+                            dropout=dropout)
+        num_patches = (image_size // patch_size) ** 2
+        self.patch_embed = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, num_patches + 1, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, mlp_dim, dropout, activation=self.act_func,
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_labels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch_embed(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls_token.expand(len(x), -1, -1), tokens], dim=1) + self.pos_embed
+        return self.head(self.norm(self.encoder(tokens))[:, 0])
+
+    def config(self) -> dict:
+        return dict(act_func=activation_name(self.act_func), **self._config)
+
+
+MODELS = {"SimpleNetwork": SimpleNetwork, "SmallCNN": SmallCNN, "SmallViT": SmallViT}
+
+
+def build_model(class_name: str, config: dict) -> nn.Module:
+    """The model ``MODELS[class_name](**config)``, with the activation given by name."""
+    if class_name not in MODELS:
+        raise ValueError(f"unknown model class {class_name!r}; have: {', '.join(MODELS)}")
+    config = dict(config)
+    config["act_func"] = make_activation(config["act_func"])
+    return MODELS[class_name](**config)
+
+
+def model_for(model_type: str, image_shape: tuple[int, int, int], num_labels: int,
+              act_func: nn.Module | None = None) -> nn.Module:
+    """The model of ``model_type`` ("mlp", "cnn", "transformer") for images of ``image_shape``."""
+    c, h, w = image_shape
+    if model_type == "mlp":
+        return SimpleNetwork(act_func, input_shape=c * h * w, num_labels=num_labels)
+    if model_type == "cnn":
+        return SmallCNN(act_func, in_channels=c, num_labels=num_labels)
+    if model_type == "transformer":
+        patch = 4 if h % 4 == 0 and h >= 16 else 2
+        return SmallViT(act_func, image_size=h, patch_size=patch, in_channels=c, num_labels=num_labels)
+    raise ValueError(f"unknown model type {model_type!r}; have: mlp, cnn, transformer")

@@ -1,0 +1,46 @@
+"""Training curves of several runs side by side (the chapter's ``plot_training_results``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+_LABELS = {
+    "loss": "loss", "accuracy": "accuracy", "gradient_norm": "gradient norm (mean per step)",
+    "memory": "memory (MB)", "state_memory": "optimizer state (MB)", "epoch_time": "time per epoch (s)",
+}
+_PER_SPLIT = ("loss", "accuracy")
+
+
+def plot_training_results(results: dict, metrics=("loss", "accuracy", "gradient_norm", "memory"), mode: str = "train",
+                          title: str | None = None, save_path: str | Path | None = None, size=None):
+    """One panel per metric, one line per run, against the epoch.
+
+    ``results`` maps a run's label to its result dict (run_basic_experiment's); "loss" and
+    "accuracy" take the ``mode`` split ("train" or "test"), the other metrics are per epoch.
+    Returns the figure; ``save_path`` also writes it (PNG by the suffix).
+    """
+    import matplotlib.pyplot as plt
+
+    if mode not in ("train", "test"):
+        raise ValueError(f"mode must be 'train' or 'test', got {mode!r}")
+    metrics = list(metrics)
+    for m in metrics:
+        if m not in _LABELS:
+            raise ValueError(f"unknown metric {m!r}; have: {', '.join(_LABELS)}")
+    fig, axes = plt.subplots(1, len(metrics), figsize=size or (4.2 * len(metrics), 3.6), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        key = f"{mode}_{metric}" if metric in _PER_SPLIT else metric
+        for label, run in results.items():
+            values = run.get(key)
+            if values:
+                ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=label)
+        ax.set_xlabel("epoch")
+        ax.set_title(f"{mode} {_LABELS[metric]}" if metric in _PER_SPLIT else _LABELS[metric])
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    if save_path is not None:
+        fig.savefig(save_path, dpi=110)
+    return fig
