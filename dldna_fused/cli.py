@@ -6,6 +6,7 @@ import argparse
 
 from dldna_fused import bench
 from dldna_fused.experiments import compare
+from dldna_fused.init import cli as init_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +20,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     description=compare.__doc__)
     compare.add_arguments(compare_parser)
     compare_parser.set_defaults(run=compare.main)
+    init_parser = sub.add_parser("init", help="compare weight initializations: training, diagnostics, variance",
+                                 description=init_cli.__doc__)
+    init_cli.add_arguments(init_parser)
+    init_parser.set_defaults(run=init_cli.main)
     return parser
 
 

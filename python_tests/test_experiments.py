@@ -114,6 +114,13 @@ def test_one_epoch_smoke_per_model_type(tiny_digits, tmp_path, model_type):
     assert json.loads((tmp_path / f"adamw_{model_type}.json").read_text())["optimizer"] == "adamw"
 
 
+def test_runs_of_one_loader_see_the_same_batches(tiny_digits):
+    train_loader, test_loader = tiny_digits
+    first = run_basic_experiment(optim.Adam, train_loader, test_loader, dict(lr=1e-3), "cpu", 1)
+    second = run_basic_experiment(optim.Adam, train_loader, test_loader, dict(lr=1e-3), "cpu", 1)
+    assert first["train_loss"] == second["train_loss"] and first["test_loss"] == second["test_loss"]
+
+
 def test_train_model_checkpoints_round_trip(tiny_digits, tmp_path):
     train_loader, test_loader = tiny_digits
     torch.manual_seed(0)

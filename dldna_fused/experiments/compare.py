@@ -83,7 +83,6 @@ def main(args: argparse.Namespace) -> int:
     results = {}
     bar = tqdm(total=len(args.optimizers) * args.epochs, desc="compare", disable=args.no_progress, file=sys.stderr)
     for name in args.optimizers:
-        torch.manual_seed(args.seed)
         results[name] = run_advanced_experiment(
             OPTIMIZERS[name][0], args.model, train_loader, test_loader, configs[name], args.device, args.epochs,
             seed=args.seed, results_dir=out, progress=bar)

@@ -157,3 +157,13 @@ def get_data_loaders(dataset: str = "digits", batch_size: int = 64, root: str = 
     train, test = splits
     return (DataLoader(train, batch_size=batch_size, shuffle=True, generator=generator, num_workers=num_workers),
             DataLoader(test, batch_size=max(batch_size, 256), shuffle=False, num_workers=num_workers))
+
+
+def reseed(loader: DataLoader, seed: int) -> None:
+    """Restarts ``loader``'s shuffling from ``seed`` (its own generator, or torch's global one), so
+    that runs compared with each other see the batches in the same order."""
+    generator = getattr(loader, "generator", None)
+    if generator is not None:
+        generator.manual_seed(seed)
+    else:
+        torch.manual_seed(seed)

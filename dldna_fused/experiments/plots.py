@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dldna_fused._plotting import finish_figure
+
 _LABELS = {
     "loss": "loss", "accuracy": "accuracy", "gradient_norm": "gradient norm (mean per step)",
     "memory": "memory (MB)", "state_memory": "optimizer state (MB)", "epoch_time": "time per epoch (s)",
@@ -38,9 +40,4 @@ def plot_training_results(results: dict, metrics=("loss", "accuracy", "gradient_
         ax.set_title(f"{mode} {_LABELS[metric]}" if metric in _PER_SPLIT else _LABELS[metric])
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    if save_path is not None:
-        fig.savefig(save_path, dpi=110)
-    return fig
+    return finish_figure(fig, title, save_path)

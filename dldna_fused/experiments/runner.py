@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from dldna_fused import optim, reference
+from dldna_fused.experiments.data import reseed
 from dldna_fused.experiments.models import model_for
 from dldna_fused.experiments.training import evaluate, memory_snapshot, reset_peak_memory, train_epoch
 
@@ -114,7 +115,8 @@ def run_basic_experiment(optimizer_class, train_loader, test_loader, config: dic
                          act_func: nn.Module | None = None, seed: int = 0, results_dir: str | Path | None = None,
                          progress=None) -> dict:
     """The chapter's basic experiment: its MLP (``SimpleNetwork``, sized to the loader's images)
-    trained with ``optimizer_class(**config)``, initialized from ``seed``. Returns per-epoch lists
+    trained with ``optimizer_class(**config)``, initialized from ``seed``, with the training loader
+    reshuffled from ``seed`` (so runs of different optimizers see the same batches). Returns per-epoch lists
     ``train_loss``, ``train_accuracy``, ``test_loss``, ``test_accuracy``, ``gradient_norm``,
     ``memory``, ``epoch_time`` (and ``state_memory``, ``peak_rss``)."""
     return run_advanced_experiment(optimizer_class, "mlp", train_loader, test_loader, config, device, epochs,
@@ -133,6 +135,7 @@ def run_advanced_experiment(optimizer_class, model_type: str = "cnn", train_load
     x, _ = next(iter(train_loader))
     torch.manual_seed(seed)
     model = model_for(model_type, tuple(x.shape[1:]), _num_labels(train_loader), act_func)
+    reseed(train_loader, seed)
     name = f"{_optimizer_name(optimizer_class)}_{model_type}"
     return run_experiment(model, optimizer_class, train_loader, test_loader, config or {}, device, epochs,
                           name=name, results_dir=results_dir, progress=progress)
