@@ -7,6 +7,7 @@ import argparse
 from dldna_fused import bench
 from dldna_fused.experiments import compare
 from dldna_fused.init import cli as init_cli
+from dldna_fused.landscape import cli as landscape_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
                                  description=init_cli.__doc__)
     init_cli.add_arguments(init_parser)
     init_parser.set_defaults(run=init_cli.main)
+    landscape_parser = sub.add_parser("landscape", help="loss-landscape figures of a trained MLP",
+                                      description=landscape_cli.__doc__)
+    landscape_cli.add_arguments(landscape_parser)
+    landscape_parser.set_defaults(run=landscape_cli.main)
     return parser
 
 

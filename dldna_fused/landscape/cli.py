@@ -1,0 +1,117 @@
+"""`dldna-fused landscape`: loss-landscape figures of the chapter's MLP, from checkpoints written
+by train_model or from a quick training run on digits: loss surfaces along the top Hessian
+eigenvectors and along filter-normalized random directions (3-D and contour), the linear
+interpolation between the first and the last epoch, and the weight-space trajectory by PCA and
+t-SNE. Writes the PNGs and landscape.json (eigenvalues with their convergence report, the Hessian
+trace) to --out."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from dldna_fused.experiments.data import DATASETS, DEFAULT_ROOT
+
+    parser.add_argument("--checkpoints", default=None, help="folder of <model>-<act>-epoch<n>.pth files "
+                        "(default: train the MLP on --dataset first, into OUT/checkpoints)")
+    parser.add_argument("--activation", default="ReLU", help="the checkpoints' activation (default ReLU)")
+    parser.add_argument("--epochs", type=int, default=10, help="epochs to train, or to read from --checkpoints")
+    parser.add_argument("--dataset", default="digits", help=f"one of {', '.join(DATASETS)} (default digits)")
+    parser.add_argument("--root", default=DEFAULT_ROOT)
+    parser.add_argument("--samples", type=int, default=256, help="test samples the losses are computed on")
+    parser.add_argument("--grid", type=int, default=41, help="points per axis (odd keeps the centre)")
+    parser.add_argument("--eigen-range", type=float, default=0.5, help="lambda range along eigenvectors")
+    parser.add_argument("--random-range", type=float, default=1.0, help="lambda range along random directions")
+    parser.add_argument("--top-n", type=int, default=4, help="Hessian eigenvectors (pairs make surfaces)")
+    parser.add_argument("--perplexity", type=float, default=3.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default="results/landscape")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def _train(args, out: Path) -> Path:
+    from dldna_fused import optim
+    from dldna_fused.experiments.data import get_data_loaders
+    from dldna_fused.experiments.models import SimpleNetwork, make_activation
+    from dldna_fused.experiments.training import train_model
+
+    train_loader, test_loader = get_data_loaders(args.dataset, 64, args.root, seed=args.seed)
+    x, _ = next(iter(train_loader))
+    torch.manual_seed(args.seed)
+    model = SimpleNetwork(make_activation(args.activation), input_shape=x[0].numel(),
+                          num_labels=int(train_loader.dataset.tensors[1].max()) + 1)
+    folder = out / "checkpoints"
+    train_model(model, train_loader, test_loader, args.device, optimizer=optim.Adam(model.parameters(), lr=1e-3),
+                epochs=args.epochs, save_dir=folder, retrain=True, progress=not args.no_progress)
+    return folder
+
+
+def main(args: argparse.Namespace) -> int:
+    from dldna_fused.experiments.data import get_dataset
+    from dldna_fused.experiments.training import load_models_by_pattern
+    from dldna_fused.landscape import (analyze_weight_space, hessian_eigenvectors, hessian_trace,
+                                       linear_interpolation, random_directions, visualize_linear_interpolation,
+                                       visualize_loss_surface, visualize_weight_space, xy_perturb_loss)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        folder = Path(args.checkpoints) if args.checkpoints else _train(args, out)
+        models, labels = load_models_by_pattern([args.activation], list(range(1, args.epochs + 1)), folder,
+                                                device=args.device)
+        _, test = get_dataset(args.dataset, args.root)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
+    loader = DataLoader(Subset(test, range(min(args.samples, len(test)))), batch_size=256)
+    loss_func = nn.CrossEntropyLoss()
+    final = models[-1]
+    name = f"{args.activation}, epoch {args.epochs}"
+    progress = None if not args.no_progress else False
+
+    values, vectors, report = hessian_eigenvectors(final, loss_func, loader, args.top_n, args.device,
+                                                   seed=args.seed, return_report=True)
+    trace, trace_se = hessian_trace(final, loss_func, loader, 100, args.device, seed=args.seed)
+    eigen = np.linspace(-args.eigen_range, args.eigen_range, args.grid).astype(np.float32)
+    surfaces = [xy_perturb_loss(final, vectors[2 * k:2 * k + 2], loader, loss_func, eigen, eigen, args.device,
+                                progress) for k in range(args.top_n // 2)]
+    pairs = [f"eigenvectors {2 * k + 1}-{2 * k + 2}" for k in range(args.top_n // 2)]
+    for plot_3d, kind in ((True, "3d"), (False, "contour")):
+        visualize_loss_surface(surfaces, name, plot_3d=plot_3d, labels=pairs, save_path=out / f"surface_hessian_{kind}.png")
+    rand = np.linspace(-args.random_range, args.random_range, args.grid).astype(np.float32)
+    random_surface = xy_perturb_loss(final, random_directions(final, 2, seed=args.seed), loader, loss_func, rand,
+                                     rand, args.device, progress)
+    for plot_3d, kind in ((True, "3d"), (False, "contour")):
+        visualize_loss_surface([random_surface], name, plot_3d=plot_3d, labels=["filter-normalized random"],
+                               save_path=out / f"surface_random_{kind}.png")
+    alphas, losses, accuracies = linear_interpolation(models[0], final, loader, loss_func, args.device)
+    visualize_linear_interpolation(alphas, losses, accuracies, f"epoch 1 -> epoch {args.epochs}",
+                                   save_path=out / "interpolation.png")
+    pca, explained = analyze_weight_space(models, labels, "pca", return_explained_variance=True)
+    visualize_weight_space(pca, labels, "PCA", explained, save_path=out / "weight_space_pca.png")
+    tsne = analyze_weight_space(models, labels, "tsne", perplexity=min(args.perplexity, len(models) - 1),
+                                seed=args.seed)
+    visualize_weight_space(tsne, labels, "t-SNE", save_path=out / "weight_space_tsne.png")
+
+    summary = {"checkpoints": str(folder), "eigenvalues": values, "eigen_report": report,
+               "hessian_trace": trace, "hessian_trace_stderr": trace_se,
+               "center_loss": float(surfaces[0][2][args.grid // 2, args.grid // 2]) if args.grid % 2 else None,
+               "interpolation": {"alphas": alphas.tolist(), "losses": losses, "accuracies": accuracies},
+               "pca_explained_variance": explained.tolist()}
+    (out / "landscape.json").write_text(json.dumps(summary, indent=2))
+    print(f"top-{args.top_n} Hessian eigenvalues: " + ", ".join(f"{v:.4g}" for v in values)
+          + f" (converged: {[r['converged'] for r in report]})")
+    print(f"Hessian trace (Hutchinson, 100 samples): {trace:.4g} +- {trace_se:.2g}")
+    print(f"interpolation loss: epoch 1 {losses[0]:.4f} -> epoch {args.epochs} {losses[-1]:.4f}")
+    print(f"PCA explained variance: {explained[0]:.3f}, {explained[1]:.3f}")
+    print(f"wrote the figures and landscape.json to {out}", file=sys.stderr)
+    return 0
