@@ -2,8 +2,11 @@
 by train_model or from a quick training run on digits: loss surfaces along the top Hessian
 eigenvectors and along filter-normalized random directions (3-D and contour), the linear
 interpolation between the first and the last epoch, and the weight-space trajectory by PCA and
-t-SNE. Writes the PNGs and landscape.json (eigenvalues with their convergence report, the Hessian
-trace) to --out."""
+t-SNE. With --extras: a Gaussian fitted to the Hessian surface with SGD, momentum SGD and Adam
+paths on it (gaussian), its wavelet decomposition (multiscale), its persistence diagram
+(topology), and five more epochs of training dynamics (dynamics). Writes the PNGs and
+landscape.json (eigenvalues with their convergence report, the Hessian trace, the extras'
+numbers) to --out."""
 
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
+
+EXTRAS = ["gaussian", "multiscale", "topology", "dynamics"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="results/landscape")
+    parser.add_argument("--extras", type=lambda s: EXTRAS if s == "all" else s.split(","), default=[],
+                        help="comma-separated, of: " + ", ".join(EXTRAS) + "; or all")
+    parser.add_argument("--gaussian-range", type=float, default=1.0,
+                        help="half-width of the 31 x 31 Hessian surface the Gaussian is fitted to (the chapter's 1)")
+    parser.add_argument("--persistence-threshold", type=float, default=None,
+                        help="minima whose persistence exceeds this count (default: 5%% of the surface's range)")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -107,6 +118,7 @@ def main(args: argparse.Namespace) -> int:
                "center_loss": float(surfaces[0][2][args.grid // 2, args.grid // 2]) if args.grid % 2 else None,
                "interpolation": {"alphas": alphas.tolist(), "losses": losses, "accuracies": accuracies},
                "pca_explained_variance": explained.tolist()}
+    summary.update(_extras(args, out, surfaces[0], vectors, final, loader, loss_func, name))
     (out / "landscape.json").write_text(json.dumps(summary, indent=2))
     print(f"top-{args.top_n} Hessian eigenvalues: " + ", ".join(f"{v:.4g}" for v in values)
           + f" (converged: {[r['converged'] for r in report]})")
@@ -115,3 +127,54 @@ def main(args: argparse.Namespace) -> int:
     print(f"PCA explained variance: {explained[0]:.3f}, {explained[1]:.3f}")
     print(f"wrote the figures and landscape.json to {out}", file=sys.stderr)
     return 0
+
+
+def _extras(args, out: Path, surface, vectors, model, loader, loss_func, name: str) -> dict:
+    """The figures of --extras, from the first Hessian surface (X, Y, Z), the eigenvectors and the
+    final model."""
+    from dldna_fused import optim, reference
+    from dldna_fused.landscape import (analyze_loss_surface_multiscale, get_opt_params, persistence_diagram,
+                                       persistence_summary, plot_persistence_diagram, train_loss_surface,
+                                       visualize_gaussian_fit, visualize_optimization_path,
+                                       visualize_training_dynamics)
+
+    for extra in args.extras:
+        if extra not in EXTRAS:
+            raise SystemExit(f"--extras: unknown '{extra}' (have: {', '.join(EXTRAS)}, all)")
+    X, Y, Z = surface
+    found: dict = {}
+    if "gaussian" in args.extras:
+        from dldna_fused.landscape import xy_perturb_loss
+
+        r = args.gaussian_range
+        lambdas = np.linspace(-r, r, 31).astype(np.float32)
+        GX, GY, GZ = xy_perturb_loss(model, vectors[:2], loader, loss_func, lambdas, lambdas, args.device, False)
+        popt, _, offset = get_opt_params(GX, GY, GZ)
+        visualize_gaussian_fit(GX, GY, GZ, popt, offset, -r, r, 31, save_path=out / "gaussian_fit.png")
+        params = (*popt, offset)
+        optimizers = {"SGD": lambda p: reference.SGD(p, lr=0.1), "SGD momentum": lambda p: reference.SGD(
+            p, lr=0.05, momentum=0.8), "Adam (fused)": lambda p: optim.Adam(p, lr=0.1)}
+        paths = [train_loss_surface(make, [-r, r], 100, params, seed=args.seed) for make in optimizers.values()]
+        visualize_optimization_path(GX, GY, GZ, popt, offset, paths, list(optimizers), act_name=name,
+                                    save_path=out / "optimizer_paths.png")
+        found["gaussian_fit"] = {"popt": [float(v) for v in popt], "offset": offset,
+                                 "path_ends": {k: p[-1].tolist() for k, p in zip(optimizers, paths)}}
+    if "multiscale" in args.extras:
+        result = analyze_loss_surface_multiscale(model, loader, loss_func, args.device, radius=args.eigen_range,
+                                                 seed=args.seed, save_path=out / "multiscale.png")
+        found["multiscale_energy"] = result["energy"]
+    if "topology" in args.extras:
+        diagram = persistence_diagram(Z)
+        threshold = args.persistence_threshold if args.persistence_threshold is not None else 0.05 * float(np.ptp(Z))
+        plot_persistence_diagram(diagram, save_path=out / "persistence.png")
+        found["topology"] = {"threshold": threshold, **persistence_summary(diagram, threshold),
+                             "points": {str(d): len(v) for d, v in diagram.items()}}
+    if "dynamics" in args.extras:
+        from dldna_fused.experiments.data import get_data_loaders
+
+        train_loader, _ = get_data_loaders(args.dataset, 64, args.root, seed=args.seed)
+        metrics = visualize_training_dynamics(model, optim.Adam(model.parameters(), lr=1e-3), train_loader, loss_func,
+                                              5, args.device, save_path=out / "dynamics.png",
+                                              progress=not args.no_progress)
+        found["dynamics"] = dict(metrics)
+    return found
