@@ -78,6 +78,33 @@ def _packed_steps(device: torch.device, sources: list) -> list:
     return list(buffer.unbind())
 
 
+# [Note: sharded params]
+# Under FSDP2 (fully_shard) params, grads and the states made with zeros_like are DTensors. The
+# fused ops are elementwise per tensor, so for Adam/AdamW, Lion and Sophia the step on each rank's
+# local shards is the step on the whole tensor, with no communication: the lists handed to the ops
+# hold the local tensors (the shard's storage, so updates land in the DTensor). States stay
+# DTensors in self.state, which torch.distributed.checkpoint saves and loads by placement.
+# AdaFactor's statistics span whole rows, columns and tensors; see Adafactor._sharded_step.
+
+
+def dtensor_type():
+    """torch.distributed.tensor.DTensor, or None where torch.distributed is not built."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return None
+    return DTensor
+
+
+def to_local(tensors: list) -> list:
+    """``tensors`` with each DTensor replaced by its local shard (see [Note: sharded params])."""
+    DTensor = dtensor_type()
+    if DTensor is None or not any(isinstance(t, DTensor) for t in tensors):
+        return tensors
+    with torch.no_grad():
+        return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+
+
 def check_hyperparameter(name: str, value: Any, low: float, high: float | None = None, *, high_open=True):
     """Raise ValueError naming ``name`` unless low <= value (< or <=) high."""
     v = float(value)  # a 1-element tensor lr is allowed
@@ -149,7 +176,7 @@ class FusedOptimizer(Optimizer):
         Outside torch.compile the lists are frozen (``ops.freeze``).
         """
         if torch.compiler.is_compiling():
-            return build(group)
+            return [(key_, index, [to_local(lst) for lst in lists]) for key_, index, lists in build(group)]
         cache = self.__dict__.setdefault("_lists_cache", {})
         has_grad = (options, has_grad)
         key = id(group)
@@ -157,7 +184,7 @@ class FusedOptimizer(Optimizer):
         version = getattr(self, "_lists_version", 0)
         if (entry is None or entry[0] is not group or entry[1] is not self.state or entry[2] != version
                 or entry[3] != has_grad):
-            frozen = [(key_, index, [ops.freeze(lst) for lst in lists]) for key_, index, lists in build(group)]
+            frozen = [(key_, index, [ops.freeze(to_local(lst)) for lst in lists]) for key_, index, lists in build(group)]
             entry = (group, self.state, version, has_grad, frozen)
             cache[key] = entry
         return entry[4]
@@ -232,6 +259,7 @@ class FusedOptimizer(Optimizer):
         calls = []
         for group in self.param_groups:
             grads, any_sparse, has_grad = ops.grads_of(group["params"])
+            grads = to_local(grads)
             if any_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             for key, index, lists in self._cached_lists(group, has_grad, build, options(group)):

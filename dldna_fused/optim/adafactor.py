@@ -2,16 +2,40 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from dldna_fused import ops
 from dldna_fused._closure import closure_loss
-from dldna_fused.optim._fused import FusedOptimizer, _packable, _packed, _packed_steps
+from dldna_fused.optim._fused import FusedOptimizer, _packable, _packed, _packed_steps, dtensor_type
 from dldna_fused.reference.adafactor import check_adafactor_options
 
 
 def _factored(p: torch.Tensor) -> bool:
     return p.dim() >= 2
+
+
+def _is_dtensor(p: torch.Tensor) -> bool:
+    DTensor = dtensor_type()
+    return DTensor is not None and isinstance(p, DTensor)
+
+
+def _sharded_zeros(p, key: str, shape) -> torch.Tensor:
+    """A zero state of ``shape`` for the DTensor param ``p`` (see [Note: sharded AdaFactor]):
+    float32; the column statistics of a matrix replicated, every other state sharded on dim 0 like
+    ``p``; ``step`` and ``RMS`` plain tensors (the same on every rank)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor import zeros as dtensor_zeros
+
+    if key in ("step", "RMS"):
+        return torch.zeros((), dtype=torch.float32, device=p.to_local().device)
+    mesh = p.device_mesh
+    if mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+        raise NotImplementedError(f"Adafactor: DTensor params must be sharded on dim 0 over a 1-D mesh (FSDP2's "
+                                  f"default), got placements {p.placements} on a {mesh.ndim}-D mesh")
+    placements = [Replicate()] if key == "exp_avg_sq_col" and p.dim() == 2 else p.placements
+    return dtensor_zeros(tuple(shape), dtype=torch.float32, device_mesh=mesh, placements=placements)
 
 
 class Adafactor(FusedOptimizer):
@@ -105,7 +129,9 @@ class Adafactor(FusedOptimizer):
             for key, shape in shapes.items():
                 if key in state:
                     continue
-                if _packable(p):
+                if _is_dtensor(p):
+                    state[key] = _sharded_zeros(p, key, shape)
+                elif _packable(p):
                     wanted.setdefault((p.device, key), []).append((p, shape))
                 else:
                     state[key] = torch.zeros(shape, dtype=torch.float32, device=p.device)
@@ -124,7 +150,7 @@ class Adafactor(FusedOptimizer):
         use_first_moment = group["beta1"] is not None
         buckets: dict = {}
         for i, p in enumerate(group["params"]):
-            if p.grad is None:
+            if p.grad is None or _is_dtensor(p):  # sharded params: _sharded_step
                 continue
             state = self.state[p]
             factored = _factored(p)
@@ -159,4 +185,100 @@ class Adafactor(FusedOptimizer):
                 weight_decay=group["weight_decay"], scale_parameter=group["scale_parameter"],
                 relative_step=group["relative_step"], warmup_init=group["warmup_init"],
                 grad_scale=grad_scale, found_inf=found_inf)
+        for group in self.param_groups:
+            sharded = [p for p in group["params"] if p.grad is not None and _is_dtensor(p)]
+            if sharded:
+                self._init_states(group, sharded)
+                self._sharded_step(group, sharded)
         return loss
+
+    # [Note: sharded AdaFactor]
+    # Under FSDP2 a param is a DTensor sharded on dim 0 over a 1-D mesh. For tensors of 3 or more
+    # dims that splits the batch of matrices, so every row and column statistic is whole on its
+    # rank. For a matrix it splits the rows: row statistics stay whole, but the column means, the
+    # mean of R and the two RMS values need sums over all ranks. Rather than approximating them per
+    # shard (the numbers would then depend on the world size), this path computes them exactly:
+    # one all-reduce of every partial sum of the step before the updates, one of the sums of U^2
+    # after, in plain torch ops on the local shards. So a sharded run matches an unsharded one to
+    # rounding; the price is two collectives per step and an unfused step for sharded params.
+    # Column statistics of matrices are Replicate DTensors, the rest have the param's placements.
+    @torch.no_grad()
+    def _sharded_step(self, group: dict, params: list) -> None:
+        import torch.distributed as dist
+
+        if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
+            raise RuntimeError("Adafactor: GradScaler with FSDP2-sharded params is not supported")
+        eps1, eps2 = group["eps"]
+        beta1 = group["beta1"]
+        pg = params[0].device_mesh.get_group()
+        entries = []
+        for p in params:
+            state = self.state[p]
+            state["step"] += 1
+            t = state["step"].item()
+            theta, g = p.to_local().float(), p.grad.to_local().float()
+            entries.append(dict(p=p, state=state, t=t, theta=theta, g=g, g2=g * g + eps1,
+                                matrix=p.dim() == 2, factored=_factored(p)))
+        # Phase 1: local statistics, then one all-reduce of every partial sum.
+        partial = []
+        for e in entries:
+            state, t = e["state"], e["t"]
+            beta2t = 1.0 - t ** group["decay_rate"]
+            e["beta2t"] = beta2t
+            partial.append(e["theta"].square().sum().reshape(1))
+            if e["factored"]:
+                row = state["exp_avg_sq_row"].to_local()
+                row.mul_(beta2t).add_(e["g2"].mean(dim=-1), alpha=1.0 - beta2t)
+                if e["matrix"]:
+                    partial.append(e["g2"].sum(dim=-2))
+                    partial.append(row.sum().reshape(1))
+                else:
+                    state["exp_avg_sq_col"].to_local().mul_(beta2t).add_(e["g2"].mean(dim=-2), alpha=1.0 - beta2t)
+            else:
+                state["exp_avg_sq"].to_local().mul_(beta2t).add_(e["g2"], alpha=1.0 - beta2t)
+        sums = torch.cat(partial)
+        dist.all_reduce(sums, group=pg)
+        # Phase 2: the update, its RMS by a second all-reduce, then apply.
+        offset, updates = 0, []
+        for e in entries:
+            p, state = e["p"], e["state"]
+            e["rms"] = math.sqrt(sums[offset].item() / max(p.numel(), 1))
+            offset += 1
+            if e["factored"]:
+                row = state["exp_avg_sq_row"].to_local()
+                if e["matrix"]:
+                    rows, cols = p.shape
+                    col_mean = sums[offset:offset + cols] / rows
+                    offset += cols
+                    row_mean = sums[offset] / rows
+                    offset += 1
+                    col = state["exp_avg_sq_col"].to_local()
+                    col.mul_(e["beta2t"]).add_(col_mean, alpha=1.0 - e["beta2t"])
+                    r_factor = (row / row_mean).rsqrt().unsqueeze(-1)
+                else:
+                    col = state["exp_avg_sq_col"].to_local()
+                    r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt().unsqueeze(-1)
+                update = (r_factor * col.unsqueeze(-2).rsqrt()) * e["g"]
+            else:
+                update = state["exp_avg_sq"].to_local().rsqrt() * e["g"]
+            updates.append(update)
+        u2 = torch.stack([u.square().sum() for u in updates]) if updates else torch.zeros(0)
+        dist.all_reduce(u2, group=pg)
+        for e, update, u_sq in zip(entries, updates, u2):
+            p, state, t = e["p"], e["state"], e["t"]
+            state["RMS"].fill_(e["rms"])
+            rho = group["lr"]
+            if group["relative_step"]:
+                rho = min(1e-6 * t if group["warmup_init"] else 1e-2, 1.0 / math.sqrt(t))
+            alpha = max(eps2, e["rms"]) * rho if group["scale_parameter"] else rho
+            rms_u = math.sqrt(u_sq.item() / max(p.numel(), 1))
+            update = update * (alpha / max(1.0, rms_u / group["clip_threshold"]))
+            if beta1 is not None:
+                m = state["exp_avg"].to_local()
+                m.mul_(beta1).add_(update, alpha=1.0 - beta1)
+                update = m
+            theta = e["theta"]
+            if group["weight_decay"] != 0.0:
+                theta.add_(theta, alpha=-group["weight_decay"] * alpha)
+            theta.sub_(update)
+            p.to_local().copy_(theta)
