@@ -187,6 +187,8 @@ class FusedOptimizer(Optimizer):
             frozen = [(key_, index, [ops.freeze(to_local(lst)) for lst in lists]) for key_, index, lists in build(group)]
             entry = (group, self.state, version, has_grad, frozen)
             cache[key] = entry
+            # Whether this group's grads need to_local, decided once here rather than per step.
+            self.__dict__.setdefault("_sharded_groups", {})[key] = to_local(group["params"]) is not group["params"]
         return entry[4]
 
     def _check_param(self, p: torch.Tensor) -> None:
@@ -259,10 +261,12 @@ class FusedOptimizer(Optimizer):
         calls = []
         for group in self.param_groups:
             grads, any_sparse, has_grad = ops.grads_of(group["params"])
-            grads = to_local(grads)
             if any_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            for key, index, lists in self._cached_lists(group, has_grad, build, options(group)):
+            entries = self._cached_lists(group, has_grad, build, options(group))
+            if torch.compiler.is_compiling() or self.__dict__.get("_sharded_groups", {}).get(id(group)):
+                grads = to_local(grads)
+            for key, index, lists in entries:
                 calls.append((group, key, grads if index is None else [grads[i] for i in index], lists))
         return calls
 
