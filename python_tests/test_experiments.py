@@ -116,8 +116,8 @@ def test_one_epoch_smoke_per_model_type(tiny_digits, tmp_path, model_type):
 
 def test_runs_of_one_loader_see_the_same_batches(tiny_digits):
     train_loader, test_loader = tiny_digits
-    first = run_basic_experiment(optim.Adam, train_loader, test_loader, dict(lr=1e-3), "cpu", 1)
-    second = run_basic_experiment(optim.Adam, train_loader, test_loader, dict(lr=1e-3), "cpu", 1)
+    first = run_basic_experiment(optim.Adam, train_loader, test_loader, dict(lr=1e-3), "cpu", 1, results_dir=None)
+    second = run_basic_experiment(optim.Adam, train_loader, test_loader, dict(lr=1e-3), "cpu", 1, results_dir=None)
     assert first["train_loss"] == second["train_loss"] and first["test_loss"] == second["test_loss"]
 
 
@@ -159,7 +159,7 @@ def test_sophia_hessian_is_updated_inside_the_loop(tiny_digits):
             super().__init__(params, **kw)
             captured["opt"] = self
 
-    run_basic_experiment(Spy, train_loader, test_loader, dict(lr=1e-3, k=2), "cpu", 1)
+    run_basic_experiment(Spy, train_loader, test_loader, dict(lr=1e-3, k=2), "cpu", 1, results_dir=None)
     assert captured["calls"] == len(train_loader) // 2  # every k = 2 steps
     opt = captured["opt"]
     assert all(opt.state[p]["hessian"].abs().sum() > 0 for g in opt.param_groups for p in g["params"])

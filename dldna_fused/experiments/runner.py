@@ -112,13 +112,14 @@ def run_experiment(model: nn.Module, optimizer_class, train_loader, test_loader,
 
 
 def run_basic_experiment(optimizer_class, train_loader, test_loader, config: dict, device, epochs: int = 5, *,
-                         act_func: nn.Module | None = None, seed: int = 0, results_dir: str | Path | None = None,
+                         act_func: nn.Module | None = None, seed: int = 0, results_dir: str | Path | None = "results",
                          progress=None) -> dict:
     """The chapter's basic experiment: its MLP (``SimpleNetwork``, sized to the loader's images)
     trained with ``optimizer_class(**config)``, initialized from ``seed``, with the training loader
     reshuffled from ``seed`` (so runs of different optimizers see the same batches). Returns per-epoch lists
     ``train_loss``, ``train_accuracy``, ``test_loss``, ``test_accuracy``, ``gradient_norm``,
-    ``memory``, ``epoch_time`` (and ``state_memory``, ``peak_rss``)."""
+    ``memory``, ``epoch_time`` (and ``state_memory``, ``peak_rss``), also written under
+    ``results_dir`` (see ``run_advanced_experiment``)."""
     return run_advanced_experiment(optimizer_class, "mlp", train_loader, test_loader, config, device, epochs,
                                    act_func=act_func, seed=seed, results_dir=results_dir, progress=progress)
 
@@ -126,10 +127,11 @@ def run_basic_experiment(optimizer_class, train_loader, test_loader, config: dic
 def run_advanced_experiment(optimizer_class, model_type: str = "cnn", train_loader=None, test_loader=None,
                             config: dict | None = None, device="cpu", epochs: int = 5, *,
                             act_func: nn.Module | None = None, seed: int = 0,
-                            results_dir: str | Path | None = None, progress=None) -> dict:
+                            results_dir: str | Path | None = "results", progress=None) -> dict:
     """As ``run_basic_experiment`` with ``model_type`` "mlp", "cnn" (SmallCNN) or "transformer"
-    (SmallViT). Results are written to ``<results_dir>/<optimizer>_<model_type>.csv/.json`` when
-    ``results_dir`` is given."""
+    (SmallViT). As in the chapter, the results are also written, to
+    ``<results_dir>/<optimizer>_<model_type>.csv`` and ``.json`` (default ``results/``;
+    ``results_dir=None`` writes nothing)."""
     if train_loader is None or test_loader is None:
         raise ValueError("train_loader and test_loader are required (see get_data_loaders)")
     x, _ = next(iter(train_loader))
