@@ -16,6 +16,8 @@ from dldna_fused.experiments import (SimpleNetwork, get_data_loaders, get_datase
                                      load_models_by_pattern, plot_training_results, run_advanced_experiment,
                                      run_basic_experiment, train_model)
 from dldna_fused.experiments.data import as_tensor_dataset
+from dldna_fused.experiments.models import model_for
+from dldna_fused.experiments.training import model_name
 
 
 def write_idx(path, array: np.ndarray) -> None:
@@ -112,6 +114,16 @@ def test_one_epoch_smoke_per_model_type(tiny_digits, tmp_path, model_type):
     rows = (tmp_path / f"adamw_{model_type}.csv").read_text().splitlines()
     assert len(rows) == 3 and rows[0].startswith("epoch,train_loss")
     assert json.loads((tmp_path / f"adamw_{model_type}.json").read_text())["optimizer"] == "adamw"
+    # One epoch through train_model: its checkpoint rebuilds the same model.
+    x, _ = next(iter(test_loader))
+    model = model_for(model_type, tuple(x.shape[1:]), 10)
+    metrics = train_model(model, train_loader, test_loader, "cpu", epochs=1, save_dir=tmp_path / "ckpt",
+                          retrain=True, progress=False)
+    assert all(math.isfinite(metrics[k][0]) for k in ("train_losses", "test_losses"))
+    loaded, info = load_model(f"{model_name(model)}-epoch1.pth", path=tmp_path / "ckpt")
+    model.eval()
+    loaded.eval()
+    torch.testing.assert_close(loaded(x), model(x))
 
 
 def test_runs_of_one_loader_see_the_same_batches(tiny_digits):
