@@ -10,25 +10,22 @@ from dldna_fused.init import cli as init_cli
 from dldna_fused.landscape import cli as landscape_cli
 
 
+# name -> (module with add_arguments/main and a docstring, one-line help)
+SUBCOMMANDS = {
+    "bench": (bench, "time fused optimizer steps against torch.optim"),
+    "compare": (compare, "train a model with each optimizer and compare the curves"),
+    "init": (init_cli, "compare weight initializations: training, diagnostics, variance"),
+    "landscape": (landscape_cli, "loss-landscape figures of a trained MLP"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dldna-fused", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    bench_parser = sub.add_parser("bench", help="time fused optimizer steps against torch.optim",
-                                  description=bench.__doc__)
-    bench.add_arguments(bench_parser)
-    bench_parser.set_defaults(run=bench.main)
-    compare_parser = sub.add_parser("compare", help="train a model with each optimizer and compare the curves",
-                                    description=compare.__doc__)
-    compare.add_arguments(compare_parser)
-    compare_parser.set_defaults(run=compare.main)
-    init_parser = sub.add_parser("init", help="compare weight initializations: training, diagnostics, variance",
-                                 description=init_cli.__doc__)
-    init_cli.add_arguments(init_parser)
-    init_parser.set_defaults(run=init_cli.main)
-    landscape_parser = sub.add_parser("landscape", help="loss-landscape figures of a trained MLP",
-                                      description=landscape_cli.__doc__)
-    landscape_cli.add_arguments(landscape_parser)
-    landscape_parser.set_defaults(run=landscape_cli.main)
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=module.__doc__)
+        module.add_arguments(command)
+        command.set_defaults(run=module.main)
     return parser
 
 

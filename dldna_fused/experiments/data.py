@@ -159,6 +159,17 @@ def get_data_loaders(dataset: str = "digits", batch_size: int = 64, root: str = 
             DataLoader(test, batch_size=max(batch_size, 256), shuffle=False, num_workers=num_workers))
 
 
+def num_labels(loader: DataLoader) -> int:
+    """1 + the largest label of ``loader``'s dataset: read from the tensors of a (Subset of a)
+    TensorDataset, else by one pass over the loader."""
+    ds = loader.dataset
+    while isinstance(ds, Subset):
+        ds = ds.dataset
+    if isinstance(ds, TensorDataset):
+        return int(ds.tensors[1].max()) + 1
+    return int(max(int(y.max()) for _, y in loader)) + 1
+
+
 def reseed(loader: DataLoader, seed: int) -> None:
     """Restarts ``loader``'s shuffling from ``seed`` (its own generator, or torch's global one), so
     that runs compared with each other see the batches in the same order."""

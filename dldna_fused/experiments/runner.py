@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from dldna_fused import optim, reference
-from dldna_fused.experiments.data import reseed
+from dldna_fused.experiments.data import num_labels, reseed
 from dldna_fused.experiments.models import model_for
 from dldna_fused.experiments.training import evaluate, memory_snapshot, reset_peak_memory, train_epoch
 
@@ -37,15 +37,6 @@ OPTIMIZERS = {
 
 METRICS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "gradient_norm", "memory",
            "state_memory", "peak_rss", "epoch_time")
-
-
-def _num_labels(loader) -> int:
-    ds = loader.dataset
-    while isinstance(ds, torch.utils.data.Subset):
-        ds = ds.dataset
-    if isinstance(ds, torch.utils.data.TensorDataset):
-        return int(ds.tensors[1].max()) + 1
-    return int(max(int(y.max()) for _, y in loader)) + 1
 
 
 def _optimizer_name(optimizer_class) -> str:
@@ -136,7 +127,7 @@ def run_advanced_experiment(optimizer_class, model_type: str = "cnn", train_load
         raise ValueError("train_loader and test_loader are required (see get_data_loaders)")
     x, _ = next(iter(train_loader))
     torch.manual_seed(seed)
-    model = model_for(model_type, tuple(x.shape[1:]), _num_labels(train_loader), act_func)
+    model = model_for(model_type, tuple(x.shape[1:]), num_labels(train_loader), act_func)
     reseed(train_loader, seed)
     name = f"{_optimizer_name(optimizer_class)}_{model_type}"
     return run_experiment(model, optimizer_class, train_loader, test_loader, config or {}, device, epochs,

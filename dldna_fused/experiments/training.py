@@ -47,11 +47,12 @@ def _update_sophia_hessian(optimizer, model: nn.Module, x: torch.Tensor, y: torc
 
 
 def train_epoch(model: nn.Module, loader, optimizer, device, loss_func=None) -> dict:
-    """One pass over ``loader``: mean loss and accuracy over the samples, and the mean over steps of
-    the total gradient L2 norm (before the step). Sophia's Hessian is updated every k steps."""
+    """One pass over ``loader``: mean loss and accuracy over the samples, the mean over steps of
+    the total gradient L2 norm (before the step), and each step's loss (``step_losses``).
+    Sophia's Hessian is updated every k steps."""
     loss_func = loss_func or nn.CrossEntropyLoss()
     model.train()
-    total_loss, correct, seen, norm_sum, steps = 0.0, 0, 0, 0.0, 0
+    total_loss, correct, seen, norm_sum, step_losses = 0.0, 0, 0, 0.0, []
     sophia = _is_sophia(optimizer)
     for x, y in loader:
         x, y = x.to(device), y.to(device)
@@ -66,12 +67,12 @@ def train_epoch(model: nn.Module, loader, optimizer, device, loss_func=None) -> 
             _update_sophia_hessian(optimizer, model, x, y, loss_func)
         else:
             optimizer.step()
-        total_loss += loss.item() * len(x)
+        step_losses.append(loss.item())
+        total_loss += step_losses[-1] * len(x)
         correct += (logits.argmax(dim=-1) == y).sum().item()
         seen += len(x)
-        steps += 1
     return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1),
-            "gradient_norm": norm_sum / max(steps, 1)}
+            "gradient_norm": norm_sum / max(len(step_losses), 1), "step_losses": step_losses}
 
 
 @torch.no_grad()

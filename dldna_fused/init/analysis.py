@@ -29,20 +29,12 @@ def convergence_speed(step_losses: list[float]) -> float:
 
 
 def _train(model, optimizer, train_loader, test_loader, epochs, device):
-    from dldna_fused.experiments.training import evaluate
+    from dldna_fused.experiments.training import evaluate, train_epoch
 
-    loss_func = nn.CrossEntropyLoss()
     step_losses, test_accuracies = [], []
     for _ in range(epochs):
-        model.train()
-        for x, y in train_loader:
-            x, y = x.to(device), y.to(device)
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_func(model(x), y)
-            loss.backward()
-            optimizer.step()
-            step_losses.append(loss.item())
-        test_accuracies.append(evaluate(model, test_loader, device, loss_func)["accuracy"])
+        step_losses += train_epoch(model, train_loader, optimizer, device)["step_losses"]
+        test_accuracies.append(evaluate(model, test_loader, device)["accuracy"])
     return step_losses, test_accuracies
 
 

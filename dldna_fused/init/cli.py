@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from dldna_fused import optim
-    from dldna_fused.experiments.data import get_data_loaders
+    from dldna_fused.experiments.data import get_data_loaders, num_labels
     from dldna_fused.experiments.models import SimpleNetwork, make_activation
 
     for name in args.methods:
@@ -54,11 +54,11 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit(str(e)) from None
     x, _ = next(iter(train_loader))
     features = x[0].numel()
-    num_labels = int(max(int(y.max()) for _, y in train_loader)) + 1
+    labels = num_labels(train_loader)
 
     def model_class():
         return SimpleNetwork(make_activation(args.activation), input_shape=features, hidden_shape=args.hidden,
-                             num_labels=num_labels)
+                             num_labels=labels)
 
     results = analyze_initialization(model_class, methods, train_loader, test_loader, args.epochs, args.device,
                                      lambda params: optim.Adam(params, lr=args.lr), args.seed,
@@ -72,7 +72,7 @@ def main(args: argparse.Namespace) -> int:
     for name, method in methods.items():
         torch.manual_seed(args.seed)
         deep = SimpleNetwork(make_activation(args.activation), input_shape=features,
-                             hidden_shape=[args.width] * args.depth, num_labels=num_labels)
+                             hidden_shape=[args.width] * args.depth, num_labels=labels)
         variance[name] = variance_propagation(apply_init(method, deep), x)
     print(f"\nVariance propagation through {args.depth} hidden layers of {args.width} ({args.activation}): "
           "output variance of the last weight layer / the first")

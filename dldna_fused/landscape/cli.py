@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _train(args, out: Path) -> Path:
     from dldna_fused import optim
-    from dldna_fused.experiments.data import get_data_loaders
+    from dldna_fused.experiments.data import get_data_loaders, num_labels
     from dldna_fused.experiments.models import SimpleNetwork, make_activation
     from dldna_fused.experiments.training import train_model
 
@@ -60,7 +60,7 @@ def _train(args, out: Path) -> Path:
     x, _ = next(iter(train_loader))
     torch.manual_seed(args.seed)
     model = SimpleNetwork(make_activation(args.activation), input_shape=x[0].numel(),
-                          num_labels=int(train_loader.dataset.tensors[1].max()) + 1)
+                          num_labels=num_labels(train_loader))
     folder = out / "checkpoints"
     train_model(model, train_loader, test_loader, args.device, optimizer=optim.Adam(model.parameters(), lr=1e-3),
                 epochs=args.epochs, save_dir=folder, retrain=True, progress=not args.no_progress)

@@ -24,16 +24,6 @@ def _flat(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1).float() for p in model.parameters()])
 
 
-@torch.no_grad()
-def _mean_loss(model, loader, loss_func, device) -> float:
-    total, n = 0.0, 0
-    for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        total += loss_func(model(x), y).item() * len(x)
-        n += len(x)
-    return total / max(n, 1)
-
-
 def visualize_training_dynamics(model: nn.Module, optimizer, train_loader, loss_func=None, num_epochs: int = 10,
                                 device="cpu", save_path: str | Path | None = None, progress: bool = True):
     """Trains ``model`` for ``num_epochs`` with ``optimizer`` (any optimizer; Sophia's Hessian is
@@ -50,14 +40,11 @@ def visualize_training_dynamics(model: nn.Module, optimizer, train_loader, loss_
     """
     from tqdm.auto import tqdm
 
-    from dldna_fused.experiments.training import train_epoch
+    from dldna_fused.experiments.training import evaluate, train_epoch
 
     loss_func = loss_func or nn.CrossEntropyLoss()
     model = model.to(device)
-    was_training = model.training
-    model.eval()
-    previous = _mean_loss(model, train_loader, loss_func, device)
-    model.train(was_training)
+    previous = evaluate(model, train_loader, device, loss_func)["loss"]
     metrics = TrainingDynamics({key: [] for key in KEYS})
     for _ in tqdm(range(num_epochs), desc="dynamics", disable=not progress):
         before = _flat(model)
