@@ -4,8 +4,9 @@
 //
 // Conventions: lists are per parameter and the same length; `(a!)` marks lists updated in place;
 // hyperparameters are keyword-only; `grad_scale`/`found_inf` are GradScaler's tensors: grads are
-// divided by grad_scale inside the kernel, and when found_inf is nonzero nothing changes at all,
-// not even the step counters.
+// divided by grad_scale inside the kernel and, as torch's fused optimizers do, left unscaled in
+// place afterwards (so `grads` are mutable; [Note: unscaled grads] in cpu/kernel_table.h); when
+// found_inf is nonzero nothing changes at all, not even the step counters or the grads.
 
 #include <torch/library.h>
 
@@ -13,16 +14,16 @@ TORCH_LIBRARY(dldna_fused, m) {
   // Adam (decoupled_weight_decay=False: L2 added to the gradient) and AdamW (True).
   // state_steps are incremented by the op; bias corrections use the incremented value.
   m.def(
-      "fused_adam_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, *, "
+      "fused_adam_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
+      "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] state_steps, *, "
       "float lr, float beta1, float beta2, float weight_decay, float eps, bool amsgrad, "
       "bool maximize, bool decoupled_weight_decay, Tensor? grad_scale=None, "
       "Tensor? found_inf=None) -> ()");
   // The same with lr as a one-element tensor (read on the device under CUDA, so a scheduler can
   // change it between replays of a captured CUDA graph).
   m.def(
-      "fused_adam_.tensor_lr(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, *, "
+      "fused_adam_.tensor_lr(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
+      "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] state_steps, *, "
       "Tensor lr, float beta1, float beta2, float weight_decay, float eps, bool amsgrad, "
       "bool maximize, bool decoupled_weight_decay, Tensor? grad_scale=None, "
       "Tensor? found_inf=None) -> ()");
@@ -30,17 +31,17 @@ TORCH_LIBRARY(dldna_fused, m) {
   // Lion: p <- p(1 - lr wd) - lr sign(b1 m + (1-b1) g); m <- b2 m + (1-b2) g. state_steps are
   // incremented (Lion's rule does not read them; they keep torch.optim's state layout).
   m.def(
-      "fused_lion_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] state_steps, *, float lr, float beta1, float beta2, float weight_decay, "
+      "fused_lion_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
+      "Tensor(d!)[] state_steps, *, float lr, float beta1, float beta2, float weight_decay, "
       "bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   // SophiaG's step: p <- p(1 - lr wd); m <- b1 m + (1-b1) g;
   // p <- p - lr sign(m) min(|m| / (rho bs h + 1e-15), 1). `unclipped` (int64, one element), when
   // given, is increased by the number of coordinates whose ratio was below 1.
   m.def(
-      "fused_sophia_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-      "Tensor[] hessians, Tensor(c!)[] state_steps, *, float lr, float beta1, float rho, "
+      "fused_sophia_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
+      "Tensor[] hessians, Tensor(d!)[] state_steps, *, float lr, float beta1, float rho, "
       "float bs, float weight_decay, bool maximize, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None, Tensor(d!)? unclipped=None) -> ()");
+      "Tensor? found_inf=None, Tensor(e!)? unclipped=None) -> ()");
   // SophiaG's Hessian EMA: h <- b2 h + (1-b2) e, with e = (x / grad_scale)^2 when `square` (the
   // GNB estimator, x the gradients) and e = x / grad_scale otherwise (x = z * Hz, Hutchinson).
   m.def(
@@ -53,9 +54,9 @@ TORCH_LIBRARY(dldna_fused, m) {
   // exp_avgs is empty unless beta1 is given. `rms` receives RMS(p) before the step; lr is used
   // (and required) only when relative_step is false. All states are float32.
   m.def(
-      "fused_adafactor_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avg_sq_rows, "
-      "Tensor(c!)[] exp_avg_sq_cols, Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] exp_avgs, "
-      "Tensor(f!)[] rms, Tensor(g!)[] state_steps, *, float? lr, float eps1, float eps2, "
+      "fused_adafactor_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avg_sq_rows, "
+      "Tensor(d!)[] exp_avg_sq_cols, Tensor(e!)[] exp_avg_sqs, Tensor(f!)[] exp_avgs, "
+      "Tensor(g!)[] rms, Tensor(h!)[] state_steps, *, float? lr, float eps1, float eps2, "
       "float clip_threshold, float decay_rate, float? beta1, float weight_decay, "
       "bool scale_parameter, bool relative_step, bool warmup_init, Tensor? grad_scale=None, "
       "Tensor? found_inf=None) -> ()");

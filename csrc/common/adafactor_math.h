@@ -72,10 +72,13 @@ DLDNA_HOST_DEVICE double adafactor_rms(double sum_squares, int64_t numel) {
 
 // The factor U is multiplied by in pass 3: alpha / max(1, RMS(U) / clip_threshold). Dividing by
 // max(1, ...) only ever shrinks U (some libraries shipped the inverse, which amplifies it).
+// A NaN ratio (a NaN or inf in g) propagates, as torch's clamp(min=1) in transformers and the
+// reference does: such a gradient turns the whole tensor NaN, not only its own coordinates.
 DLDNA_HOST_DEVICE float adafactor_update_scale(const AdafactorOptions& o, double alpha,
                                                double sum_u2, int64_t numel) {
   const double ratio = adafactor_rms(sum_u2, numel) / o.clip_threshold;
-  return static_cast<float>(alpha / (ratio > 1.0 ? ratio : 1.0));
+  const bool clip = ratio > 1.0 || ratio != ratio;
+  return static_cast<float>(alpha / (clip ? ratio : 1.0));
 }
 
 // G2 = g*g + eps1 (g already unscaled).

@@ -49,10 +49,10 @@ struct OpMath<float> {
     return std::fabs(x);
 #endif
   }
-  // torch.sign: 1, -1, 0 for ±0, and NaN for NaN (x * 0 is NaN only for NaN here; ±inf
-  // compare first).
+  // torch.sign as it computes (torch 2.14, CPU): 1, -1, and 0 for ±0 and for NaN. So a NaN
+  // gradient leaves a Lion step's param where weight decay puts it, as in the reference.
   static DLDNA_HOST_DEVICE float sign(float x) {
-    return x > 0.f ? 1.f : (x < 0.f ? -1.f : x * 0.f);
+    return x > 0.f ? 1.f : (x < 0.f ? -1.f : 0.f);
   }
 };
 

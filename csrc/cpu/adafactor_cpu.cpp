@@ -39,7 +39,8 @@ void fused_adafactor_cpu(at::TensorList params, at::TensorList grads,
     return;
   }
   const size_t n = params.size();
-  DenseLayout layout({params, grads, exp_avgs, exp_avg_sqs}, {true, false, true, true},
+  const bool store_grads = grad_scale.has_value();  // [Note: unscaled grads]
+  DenseLayout layout({params, grads, exp_avgs, exp_avg_sqs}, {true, store_grads, true, true},
                      /*contiguous=*/call.factored);
 
   std::vector<AdafactorShape> shapes(n);
@@ -89,7 +90,7 @@ void fused_adafactor_cpu(at::TensorList params, at::TensorList grads,
     steps[i] = static_cast<double>(*state_steps[i].const_data_ptr<float>()) + 1.0;
     cpu::AdafactorTensorArgs& a = args[i];
     a.param = layout.get(0, i).data_ptr();
-    a.grad = layout.get(1, i).const_data_ptr();
+    a.grad = cpu::grad_pointer(layout.get(1, i), store_grads);
     a.exp_avg = o.use_first_moment ? layout.get(2, i).data_ptr<float>() : nullptr;
     if (call.factored) {
       a.exp_avg_sq_row = exp_avg_sq_rows[i].data_ptr<float>();
@@ -111,7 +112,8 @@ void fused_adafactor_cpu(at::TensorList params, at::TensorList grads,
                                     col_offsets.data(),
                                     col_partials.data(),
                                     unit_p2.data(),
-                                    unit_u2.data()};
+                                    unit_u2.data(),
+                                    store_grads};
   const cpu::KernelTable& kernels = cpu::cpu_kernels();
 
   // Finalize 1 of tensor i: RMS(p), and for factored tensors C's EMA from the column sums (units

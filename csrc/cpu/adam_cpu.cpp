@@ -31,9 +31,10 @@ void fused_adam_cpu_impl(at::TensorList params, at::TensorList grads, at::Tensor
   }
   const float inv_grad_scale = cpu::inverse_grad_scale(grad_scale);
 
+  const bool store_grads = grad_scale.has_value();  // [Note: unscaled grads]
   DenseLayout layout({params, grads, exp_avgs, exp_avg_sqs,
                       hp.amsgrad ? max_exp_avg_sqs : at::TensorList{}},
-                     {true, false, true, true, true});
+                     {true, store_grads, true, true, true});
 
   const size_t n = params.size();
   std::vector<cpu::AdamTensorArgs> args(n);
@@ -49,12 +50,13 @@ void fused_adam_cpu_impl(at::TensorList params, at::TensorList grads, at::Tensor
                             hp.amsgrad, hp.maximize, hp.decoupled_weight_decay);
       coefficients_step = *step;
     }
-    args[i] = {layout.get(0, i).data_ptr(), layout.get(1, i).const_data_ptr(),
+    args[i] = {layout.get(0, i).data_ptr(), cpu::grad_pointer(layout.get(1, i), store_grads),
                layout.get(2, i).data_ptr(), layout.get(3, i).data_ptr(),
                hp.amsgrad ? layout.get(4, i).data_ptr() : nullptr, c};
   }
 
-  const cpu::AdamLaunch launch{kernel_dtype(dtypes.param), kernel_dtype(dtypes.state), args.data()};
+  const cpu::AdamLaunch launch{kernel_dtype(dtypes.param), kernel_dtype(dtypes.state), args.data(),
+                               store_grads};
   cpu::parallel_over_chunks(cpu::make_chunks(params), cpu::cpu_kernels().adam, launch);
   layout.copy_back();
 }

@@ -30,9 +30,16 @@ struct Chunk {
 
 enum class Dtype : int8_t { Float, BFloat16, Half };
 
+// [Note: unscaled grads]
+// With GradScaler's grad_scale, torch's fused optimizers leave g / scale in p.grad after the step
+// (and the scaled g when found_inf skips it). The kernels do the same: `grad` is written back
+// when the launch's store_unscaled_grads is set, from the gradient already in registers, so it
+// costs one store and no extra pass. The CUDA ops do it with one foreach multiply after the
+// launch (store_unscaled_grads in cuda/multi_tensor_apply.cu).
+
 struct AdamTensorArgs {
   void* param;
-  const void* grad;
+  void* grad;  // written only with store_unscaled_grads
   void* exp_avg;
   void* exp_avg_sq;
   void* max_exp_avg_sq;  // nullptr unless amsgrad
@@ -43,11 +50,12 @@ struct AdamLaunch {
   Dtype param_dtype;  // grads share it
   Dtype state_dtype;  // the param's dtype, or Float
   const AdamTensorArgs* tensors;
+  bool store_unscaled_grads;  // see [Note: unscaled grads]
 };
 
 struct LionTensorArgs {
   void* param;
-  const void* grad;
+  void* grad;
   void* exp_avg;
 };
 
@@ -56,11 +64,12 @@ struct LionLaunch {
   Dtype state_dtype;
   LionCoefficients coefficients;
   const LionTensorArgs* tensors;
+  bool store_unscaled_grads;
 };
 
 struct SophiaTensorArgs {
   void* param;
-  const void* grad;
+  void* grad;
   void* exp_avg;
   const void* hessian;
 };
@@ -71,6 +80,7 @@ struct SophiaLaunch {
   SophiaCoefficients coefficients;
   const SophiaTensorArgs* tensors;
   std::atomic<int64_t>* unclipped;  // += coordinates with ratio < 1; nullptr: not counted
+  bool store_unscaled_grads;
 };
 
 struct SophiaHessianTensorArgs {
@@ -88,7 +98,7 @@ struct SophiaHessianLaunch {
 // One tensor of a fused_adafactor_ call. See [Note: AdaFactor passes] in common/adafactor_math.h.
 struct AdafactorTensorArgs {
   void* param;
-  const void* grad;
+  void* grad;  // written back unscaled by pass 3 with store_unscaled_grads
   float* exp_avg_sq_row;  // factored: matrices x rows
   float* exp_avg_sq_col;  // factored: matrices x cols
   float* exp_avg_sq;      // unfactored
@@ -116,6 +126,7 @@ struct AdafactorLaunch {
   float* col_partials;
   double* unit_p2;  // sum of p^2
   double* unit_u2;  // sum of U^2
+  bool store_unscaled_grads;
 };
 
 struct KernelTable {

@@ -30,10 +30,23 @@ void dispatch_param_state(Dtype param, Dtype state, F&& f) {
   }
 }
 
+// See [Note: unscaled grads] in cpu/kernel_table.h: g * (1/scale), the product the update rules
+// compute, stored back into the grad's block or element.
+template <typename P>
+inline void store_unscaled_block(P* grad, const FloatVec* g, float inv_grad_scale) {
+  const FloatVec inv(inv_grad_scale);
+  store_block(grad, g[0] * inv, g[1] * inv);
+}
+
+template <typename P>
+inline void store_unscaled(P* grad, int64_t i, float inv_grad_scale) {
+  grad[i] = static_cast<P>(static_cast<float>(grad[i]) * inv_grad_scale);
+}
+
 template <typename P, typename S>
-void adam_range(const AdamTensorArgs& t, int64_t begin, int64_t end) {
+void adam_range(const AdamTensorArgs& t, int64_t begin, int64_t end, bool store_grads) {
   auto* param = static_cast<P*>(t.param);
-  const auto* grad = static_cast<const P*>(t.grad);
+  auto* grad = static_cast<P*>(t.grad);
   auto* exp_avg = static_cast<S*>(t.exp_avg);
   auto* exp_avg_sq = static_cast<S*>(t.exp_avg_sq);
   auto* max_exp_avg_sq = static_cast<S*>(t.max_exp_avg_sq);
@@ -58,6 +71,9 @@ void adam_range(const AdamTensorArgs& t, int64_t begin, int64_t end) {
     if (c.amsgrad) {
       store_block(max_exp_avg_sq + i, v_max[0], v_max[1]);
     }
+    if (store_grads) {
+      store_unscaled_block(grad + i, g, c.inv_grad_scale);
+    }
   }
   // The tail runs the same rule on scalars.
   for (; i < end; ++i) {
@@ -72,6 +88,9 @@ void adam_range(const AdamTensorArgs& t, int64_t begin, int64_t end) {
     if (c.amsgrad) {
       max_exp_avg_sq[i] = static_cast<S>(v_max);
     }
+    if (store_grads) {
+      store_unscaled(grad, i, c.inv_grad_scale);
+    }
   }
 }
 
@@ -81,15 +100,17 @@ inline void adam_chunks(const AdamLaunch& launch, const Chunk* chunks, int64_t n
     using S = decltype(s_tag);
     for (int64_t k = 0; k < num_chunks; ++k) {
       const Chunk& chunk = chunks[k];
-      adam_range<P, S>(launch.tensors[chunk.tensor], chunk.begin, chunk.end);
+      adam_range<P, S>(launch.tensors[chunk.tensor], chunk.begin, chunk.end,
+                       launch.store_unscaled_grads);
     }
   });
 }
 
 template <typename P, typename S>
-void lion_range(const LionTensorArgs& t, const LionCoefficients& c, int64_t begin, int64_t end) {
+void lion_range(const LionTensorArgs& t, const LionCoefficients& c, int64_t begin, int64_t end,
+                bool store_grads) {
   auto* param = static_cast<P*>(t.param);
-  const auto* grad = static_cast<const P*>(t.grad);
+  auto* grad = static_cast<P*>(t.grad);
   auto* exp_avg = static_cast<S*>(t.exp_avg);
   int64_t i = begin;
   for (; i + kVecBlock <= end; i += kVecBlock) {
@@ -102,6 +123,9 @@ void lion_range(const LionTensorArgs& t, const LionCoefficients& c, int64_t begi
     }
     store_block(param + i, p[0], p[1]);
     store_block(exp_avg + i, m[0], m[1]);
+    if (store_grads) {
+      store_unscaled_block(grad + i, g, c.inv_grad_scale);
+    }
   }
   for (; i < end; ++i) {
     float p = static_cast<float>(param[i]);
@@ -109,6 +133,9 @@ void lion_range(const LionTensorArgs& t, const LionCoefficients& c, int64_t begi
     lion_update(p, static_cast<float>(grad[i]), m, c);
     param[i] = static_cast<P>(p);
     exp_avg[i] = static_cast<S>(m);
+    if (store_grads) {
+      store_unscaled(grad, i, c.inv_grad_scale);
+    }
   }
 }
 
@@ -117,7 +144,8 @@ inline void lion_chunks(const LionLaunch& launch, const Chunk* chunks, int64_t n
     for (int64_t k = 0; k < num_chunks; ++k) {
       const Chunk& chunk = chunks[k];
       lion_range<decltype(p_tag), decltype(s_tag)>(launch.tensors[chunk.tensor],
-                                                   launch.coefficients, chunk.begin, chunk.end);
+                                                   launch.coefficients, chunk.begin, chunk.end,
+                                                   launch.store_unscaled_grads);
     }
   });
 }
@@ -125,9 +153,9 @@ inline void lion_chunks(const LionLaunch& launch, const Chunk* chunks, int64_t n
 // Returns the number of coordinates whose ratio was below 1 (not clipped).
 template <typename P, typename S>
 int64_t sophia_range(const SophiaTensorArgs& t, const SophiaCoefficients& c, int64_t begin,
-                     int64_t end) {
+                     int64_t end, bool store_grads) {
   auto* param = static_cast<P*>(t.param);
-  const auto* grad = static_cast<const P*>(t.grad);
+  auto* grad = static_cast<P*>(t.grad);
   auto* exp_avg = static_cast<S*>(t.exp_avg);
   const auto* hessian = static_cast<const S*>(t.hessian);
   // Per-lane counts stay exact in fp32: a chunk has at most kChunkElements coordinates.
@@ -147,6 +175,9 @@ int64_t sophia_range(const SophiaTensorArgs& t, const SophiaCoefficients& c, int
     }
     store_block(param + i, p[0], p[1]);
     store_block(exp_avg + i, m[0], m[1]);
+    if (store_grads) {
+      store_unscaled_block(grad + i, g, c.inv_grad_scale);
+    }
   }
   float lanes[FloatVec::size()];
   unclipped_lanes.store(lanes);
@@ -160,6 +191,9 @@ int64_t sophia_range(const SophiaTensorArgs& t, const SophiaCoefficients& c, int
     unclipped += ratio < 1.f;
     param[i] = static_cast<P>(p);
     exp_avg[i] = static_cast<S>(m);
+    if (store_grads) {
+      store_unscaled(grad, i, c.inv_grad_scale);
+    }
   }
   return unclipped;
 }
@@ -170,7 +204,8 @@ inline void sophia_chunks(const SophiaLaunch& launch, const Chunk* chunks, int64
     for (int64_t k = 0; k < num_chunks; ++k) {
       const Chunk& chunk = chunks[k];
       unclipped += sophia_range<decltype(p_tag), decltype(s_tag)>(
-          launch.tensors[chunk.tensor], launch.coefficients, chunk.begin, chunk.end);
+          launch.tensors[chunk.tensor], launch.coefficients, chunk.begin, chunk.end,
+          launch.store_unscaled_grads);
     }
   });
   if (launch.unclipped != nullptr) {
@@ -443,37 +478,57 @@ inline void adafactor_apply_range(const AdafactorTensorArgs& t, int64_t offset, 
 template <typename P>
 void adafactor_apply_unit(const AdafactorLaunch& launch, const AdafactorTensorArgs& t,
                           const Chunk& unit) {
-  const auto* grad = static_cast<const P*>(t.grad);
+  // The last pass that reads g, so the one that stores it back unscaled.
+  auto* grad = static_cast<P*>(t.grad);
+  const bool store_grads = launch.store_unscaled_grads;
   const FloatVec inv(launch.inv_grad_scale), one(1.f);
   const float inv_scale = launch.inv_grad_scale;
   constexpr int64_t kHalf = FloatVec::size();
   if (t.rows > 0) {
     for_each_factored_row<P>(t, unit, [&](int64_t offset, const float* col_rsqrt, float r_factor) {
-      const P* g = grad + offset;
+      P* g = grad + offset;
       const FloatVec r(r_factor);
       adafactor_apply_range<P>(
           t, offset, t.cols,
           [&](int64_t i, FloatVec* u) {
             load_block(g + i, u[0], u[1]);
+            if (store_grads) {
+              store_unscaled_block(g + i, u, inv_scale);
+            }
             for (int h = 0; h < 2; ++h) {
               u[h] = u[h] * inv * (r * FloatVec::loadu(col_rsqrt + i + h * kHalf));
             }
           },
-          [&](int64_t i) { return load_float(g, i) * inv_scale * (r_factor * col_rsqrt[i]); });
+          [&](int64_t i) {
+            const float scaled = load_float(g, i);
+            if (store_grads) {
+              store_unscaled(g, i, inv_scale);
+            }
+            return scaled * inv_scale * (r_factor * col_rsqrt[i]);
+          });
     });
     return;
   }
-  const P* g = grad + unit.begin;
+  P* g = grad + unit.begin;
   const float* sq = t.exp_avg_sq + unit.begin;
   adafactor_apply_range<P>(
       t, unit.begin, unit.end - unit.begin,
       [&](int64_t i, FloatVec* u) {
         load_block(g + i, u[0], u[1]);
+        if (store_grads) {
+          store_unscaled_block(g + i, u, inv_scale);
+        }
         for (int h = 0; h < 2; ++h) {
           u[h] = u[h] * inv * (one / FloatVec::loadu(sq + i + h * kHalf).sqrt());
         }
       },
-      [&](int64_t i) { return load_float(g, i) * inv_scale * (1.f / OpMath<float>::sqrt(sq[i])); });
+      [&](int64_t i) {
+        const float scaled = load_float(g, i);
+        if (store_grads) {
+          store_unscaled(g, i, inv_scale);
+        }
+        return scaled * inv_scale * (1.f / OpMath<float>::sqrt(sq[i]));
+      });
 }
 
 inline void adafactor_apply_units(const AdafactorLaunch& launch, const Chunk* units,

@@ -31,18 +31,19 @@ void fused_lion_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   if (params.empty() || cpu::found_inf_set(found_inf)) {
     return;
   }
-  DenseLayout layout({params, grads, exp_avgs}, {true, false, true});
+  const bool store_grads = grad_scale.has_value();  // [Note: unscaled grads]
+  DenseLayout layout({params, grads, exp_avgs}, {true, store_grads, true});
   const size_t n = params.size();
   std::vector<cpu::LionTensorArgs> args(n);
   for (size_t i = 0; i < n; ++i) {
-    args[i] = {layout.get(0, i).data_ptr(), layout.get(1, i).const_data_ptr(),
+    args[i] = {layout.get(0, i).data_ptr(), cpu::grad_pointer(layout.get(1, i), store_grads),
                layout.get(2, i).data_ptr()};
   }
   increment_steps(state_steps);
   const cpu::LionLaunch launch{
       kernel_dtype(dtypes.param), kernel_dtype(dtypes.state),
       lion_coefficients(lr, beta1, beta2, weight_decay, cpu::inverse_grad_scale(grad_scale), maximize),
-      args.data()};
+      args.data(), store_grads};
   cpu::parallel_over_chunks(cpu::make_chunks(params), cpu::cpu_kernels().lion, launch);
   layout.copy_back();
 }
@@ -59,11 +60,12 @@ void fused_sophia_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   if (params.empty() || cpu::found_inf_set(found_inf)) {
     return;
   }
-  DenseLayout layout({params, grads, exp_avgs, hessians}, {true, false, true, false});
+  const bool store_grads = grad_scale.has_value();  // [Note: unscaled grads]
+  DenseLayout layout({params, grads, exp_avgs, hessians}, {true, store_grads, true, false});
   const size_t n = params.size();
   std::vector<cpu::SophiaTensorArgs> args(n);
   for (size_t i = 0; i < n; ++i) {
-    args[i] = {layout.get(0, i).data_ptr(), layout.get(1, i).const_data_ptr(),
+    args[i] = {layout.get(0, i).data_ptr(), cpu::grad_pointer(layout.get(1, i), store_grads),
                layout.get(2, i).data_ptr(), layout.get(3, i).const_data_ptr()};
   }
   increment_steps(state_steps);
@@ -71,7 +73,7 @@ void fused_sophia_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   const cpu::SophiaLaunch launch{
       kernel_dtype(dtypes.param), kernel_dtype(dtypes.state),
       sophia_coefficients(lr, beta1, rho, bs, weight_decay, cpu::inverse_grad_scale(grad_scale), maximize),
-      args.data(), unclipped.has_value() ? &count : nullptr};
+      args.data(), unclipped.has_value() ? &count : nullptr, store_grads};
   cpu::parallel_over_chunks(cpu::make_chunks(params), cpu::cpu_kernels().sophia, launch);
   layout.copy_back();
   if (unclipped.has_value()) {

@@ -22,6 +22,13 @@ constexpr int64_t kChunkElements = 32768;
 bool found_inf_set(const std::optional<at::Tensor>& found_inf);
 float inverse_grad_scale(const std::optional<at::Tensor>& grad_scale);
 
+// The grad's data for a kernel: mutable when the kernel stores the unscaled gradient back
+// ([Note: unscaled grads] in cpu/kernel_table.h), else read through const_data_ptr, which leaves
+// a copy-on-write grad unmaterialized.
+inline void* grad_pointer(const at::Tensor& grad, bool store_grads) {
+  return store_grads ? grad.data_ptr() : const_cast<void*>(grad.const_data_ptr());
+}
+
 // Chunks covering every element of each tensor; zero-size tensors get none.
 std::vector<Chunk> make_chunks(at::TensorList tensors);
 

@@ -28,7 +28,7 @@ struct OpMath<FloatVec> {
   // Same as OpMath<float>::sign, lane by lane.
   static inline FloatVec sign(const FloatVec& x) {
     const FloatVec zero(0.f);
-    const FloatVec with_zeros = FloatVec::blendv(x * zero, FloatVec(1.f), x > zero);
+    const FloatVec with_zeros = FloatVec::blendv(zero, FloatVec(1.f), x > zero);
     return FloatVec::blendv(with_zeros, FloatVec(-1.f), x < zero);
   }
 };

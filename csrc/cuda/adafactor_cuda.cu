@@ -23,6 +23,7 @@
 
 #include "common/adafactor_args.h"
 #include "common/adafactor_math.h"
+#include "cuda/unscaled_grads.h"
 
 namespace dldna_fused::cuda {
 namespace {
@@ -523,6 +524,7 @@ void fused_adafactor_cuda(at::TensorList params, at::TensorList grads,
       TORCH_INTERNAL_ASSERT(false, "unchecked dtype ", call.dtypes.param);
   }
   layout.copy_back();
+  store_unscaled_grads(grads, grad_scale, found_inf);
 }
 
 }  // namespace

@@ -175,6 +175,7 @@ void fused_adam_cuda_impl(at::TensorList params, at::TensorList grads, at::Tenso
   }
   increment_state_steps(steps, args.found_inf);
   layout.copy_back();
+  store_unscaled_grads(grads, grad_scale, found_inf);
 }
 
 void fused_adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,

@@ -260,6 +260,7 @@ void fused_lion_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   increment_state_steps(std::vector<at::Tensor>(state_steps.begin(), state_steps.end()),
                         args.found_inf);
   layout.copy_back();
+  store_unscaled_grads(grads, grad_scale, found_inf);
 }
 
 void fused_sophia_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -290,6 +291,7 @@ void fused_sophia_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
   increment_state_steps(std::vector<at::Tensor>(state_steps.begin(), state_steps.end()),
                         args.base.found_inf);
   layout.copy_back();
+  store_unscaled_grads(grads, grad_scale, found_inf);
 }
 
 void fused_sophia_hessian_cuda(at::TensorList hessians, at::TensorList estimates, double beta2,

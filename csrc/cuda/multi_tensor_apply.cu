@@ -1,5 +1,11 @@
 #include "cuda/multi_tensor_apply.cuh"
 
+#include <ATen/ops/_foreach_mul.h>
+#include <ATen/ops/ones_like.h>
+#include <ATen/ops/ne.h>
+#include <ATen/ops/reciprocal.h>
+#include <ATen/ops/where.h>
+
 namespace dldna_fused::cuda {
 namespace {
 
@@ -36,6 +42,19 @@ void increment_state_steps(const std::vector<at::Tensor>& state_steps, const flo
     increment_state_steps_kernel<<<blocks, kThreads, 0, stream>>>(list, found_inf);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+}
+
+void store_unscaled_grads(at::TensorList grads, const std::optional<at::Tensor>& grad_scale,
+                          const std::optional<at::Tensor>& found_inf) {
+  if (!grad_scale.has_value() || grads.empty()) {
+    return;
+  }
+  // The foreach Tensor overload takes a 0-dim factor; GradScaler's tensors have one element.
+  at::Tensor factor = at::reciprocal(grad_scale->reshape({}));
+  if (found_inf.has_value()) {
+    factor = at::where(at::ne(found_inf->reshape({}), 0), at::ones_like(factor), factor);
+  }
+  at::_foreach_mul_(grads, factor);
 }
 
 }  // namespace dldna_fused::cuda

@@ -20,6 +20,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "cuda/unscaled_grads.h"
+
 static_assert(CUDA_VERSION >= 12010, "dldna_fused needs CUDA 12.1+ (32 KiB kernel arguments)");
 
 namespace dldna_fused::cuda {
