@@ -1,14 +1,20 @@
 // dldna_fused._C: importing it loads the shared library, and with it the op registrations
 // (TORCH_LIBRARY / TORCH_LIBRARY_IMPL run as static initializers). It also holds the helpers of
-// the optimizers' eager hot path: EagerOp, FrozenTensorList and grads_of. This is the only file that includes
+// the optimizers' eager hot path: EagerOp, FrozenTensorList, grads_of and the checks of the cached
+// lists (states_match, dict_items, same_items, find_overlap). This is the only file that includes
 // the pybind11/JIT headers (slow to compile); the kernels never see Python.
 
 #include <torch/csrc/jit/python/pybind_utils.h>
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <algorithm>
+#include <cstdlib>
+#include <functional>
+#include <sstream>
 #include <string>
 #include <utility>
 #include <vector>
@@ -178,9 +184,30 @@ class EagerOp {
   py::object fallback_;
 };
 
+// Why a param's grad cannot go into a kernel with it, or an empty string. Sparse grads are
+// reported by grads_of's flag instead, so the message can say which optimizer rejects them.
+// Called for every grad of every step: the common case builds no string.
+std::string grad_mismatch(const at::Tensor& p, const at::Tensor& g) {
+  if (g.layout() != at::kStrided ||
+      (g.sizes() == p.sizes() && g.scalar_type() == p.scalar_type() && g.device() == p.device())) {
+    return {};
+  }
+  std::ostringstream why;
+  if (g.sizes() != p.sizes()) {
+    why << "has shape " << g.sizes() << " but the param has shape " << p.sizes();
+  } else if (g.scalar_type() != p.scalar_type()) {
+    why << "has dtype " << g.scalar_type() << " but the param has " << p.scalar_type();
+  } else {
+    why << "is on " << g.device() << " but the param is on " << p.device();
+  }
+  return why.str();
+}
+
 // ([p.grad for p in params], whether any grad is not dense (sparse COO/CSR...), a bytes object
 // with 1 where a param has a grad), in one pass: an optimizer step over 2000 params spent ~0.7 ms
-// computing these in Python.
+// computing these in Python. Also checks every grad against its param (shape, dtype, device), so
+// that a step rejects a bad grad in any group before it changes anything (ValueError naming the
+// param's position).
 py::tuple grads_of(const py::list& params) {
   const size_t n = params.size();
   py::list grads(n);
@@ -188,10 +215,16 @@ py::tuple grads_of(const py::list& params) {
   bool any_sparse = false;
   for (size_t i = 0; i < n; ++i) {
     PyObject* p = params[i].ptr();
-    TORCH_CHECK(THPVariable_Check(p), "grads_of: params[", i, "] is not a Tensor");
-    const at::Tensor& grad = THPVariable_Unpack(p).grad();
+    if (!THPVariable_Check(p)) {
+      throw py::type_error("params[" + std::to_string(i) + "] is not a Tensor");
+    }
+    const at::Tensor& param = THPVariable_Unpack(p);
+    const at::Tensor& grad = param.grad();
     if (grad.defined()) {
       any_sparse = any_sparse || grad.layout() != at::kStrided;
+      if (std::string why = grad_mismatch(param, grad); !why.empty()) {
+        throw py::value_error("params[" + std::to_string(i) + "]: its grad " + why);
+      }
       has_grad[i] = 1;
       grads[i] = py::reinterpret_steal<py::object>(THPVariable_Wrap(grad));
     } else {
@@ -199,6 +232,135 @@ py::tuple grads_of(const py::list& params) {
     }
   }
   return py::make_tuple(grads, any_sparse, py::bytes(has_grad));
+}
+
+// The Python list of tensors behind a list argument (a list, or a FrozenTensorList).
+py::list tensors_of(py::handle obj) {
+  if (py::isinstance<FrozenTensorList>(obj)) {
+    return obj.cast<const FrozenTensorList&>().tensors();
+  }
+  return py::reinterpret_borrow<py::list>(obj);
+}
+
+// Whether states[i][keys[k]] is lists[k][i] (the same object) for every i and k, where states[i]
+// is the state dict of the i-th param of the lists: with dict_items/same_items below, the check
+// that lets a step reuse its cached lists ([Note: cached tensor lists] in
+// dldna_fused/optim/_fused.py). Looks up string keys only: hashing 2000 params through
+// Tensor.__hash__ (a Python method) would cost more than the rest of the check.
+bool states_match(const py::list& states, const py::tuple& keys, const py::list& lists) {
+  const size_t n = states.size();
+  if (lists.size() != keys.size()) {
+    throw py::value_error("states_match: one key per list expected");
+  }
+  std::vector<py::list> columns;
+  columns.reserve(lists.size());
+  for (py::handle list : lists) {
+    columns.push_back(tensors_of(list));
+    if (columns.back().size() != n) {
+      return false;
+    }
+  }
+  for (size_t i = 0; i < n; ++i) {
+    PyObject* entry = states[i].ptr();
+    if (!PyDict_Check(entry)) {
+      return false;
+    }
+    for (size_t k = 0; k < columns.size(); ++k) {
+      PyObject* value = PyDict_GetItemWithError(entry, keys[k].ptr());
+      if (value != columns[k][i].ptr()) {
+        if (value == nullptr && PyErr_Occurred()) {
+          throw py::error_already_set();
+        }
+        return false;
+      }
+    }
+  }
+  return true;
+}
+
+// The (key, value) pairs of a dict in its order, flattened: [k0, v0, k1, v1, ...].
+py::list dict_items(const py::dict& d) {
+  py::list items;
+  PyObject *key = nullptr, *value = nullptr;
+  Py_ssize_t pos = 0;
+  while (PyDict_Next(d.ptr(), &pos, &key, &value)) {
+    items.append(py::handle(key));
+    items.append(py::handle(value));
+  }
+  return items;
+}
+
+// Whether d holds exactly the pairs `items` (from dict_items) as the same objects, in the same
+// order: one walk over the table and pointer compares, no hashing. Any assignment, deletion,
+// insertion or clear() since dict_items makes it false (a value re-assigned to itself aside).
+bool same_items(const py::dict& d, const py::list& items) {
+  if (static_cast<size_t>(PyDict_Size(d.ptr())) * 2 != items.size()) {
+    return false;
+  }
+  PyObject *key = nullptr, *value = nullptr;
+  Py_ssize_t pos = 0;
+  size_t i = 0;
+  while (PyDict_Next(d.ptr(), &pos, &key, &value)) {
+    if (key != items[i].ptr() || value != items[i + 1].ptr()) {
+      return false;
+    }
+    i += 2;
+  }
+  return true;
+}
+
+// The first pair (i, j) of tensors in `tensors` whose memory overlaps, (i, i) for a tensor that
+// overlaps itself (an expanded view), or None. Tensors are compared by the byte ranges they span
+// in their storage, which is exact for dense tensors and conservative for strided views that
+// interleave. One sort, so cheap enough to run whenever the cached lists are rebuilt.
+py::object find_overlap(const py::list& tensors) {
+  struct Span {
+    const void* storage;
+    int64_t begin;
+    int64_t end;
+    size_t index;
+  };
+  std::vector<Span> spans;
+  spans.reserve(tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    PyObject* obj = tensors[i].ptr();
+    if (!THPVariable_Check(obj)) {
+      throw py::type_error("find_overlap: element " + std::to_string(i) + " is not a Tensor");
+    }
+    const at::Tensor& t = THPVariable_Unpack(obj);
+    if (t.numel() == 0 || t.layout() != at::kStrided || !t.has_storage() ||
+        t.device().type() == c10::DeviceType::Meta || t.storage().data() == nullptr) {
+      continue;
+    }
+    if (at::has_internal_overlap(t) == at::MemOverlap::Yes) {
+      return py::make_tuple(i, i);
+    }
+    int64_t extent = 1;
+    for (int64_t d = 0; d < t.dim(); ++d) {
+      extent += (t.size(d) - 1) * std::abs(t.stride(d));
+    }
+    const int64_t item = static_cast<int64_t>(t.element_size());
+    const int64_t begin = t.storage_offset() * item;
+    spans.push_back({t.storage().data(), begin, begin + extent * item, i});
+  }
+  std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) {
+    return a.storage != b.storage ? std::less<const void*>()(a.storage, b.storage) : a.begin < b.begin;
+  });
+  for (size_t s = 1, reach = 0; s < spans.size(); ++s) {
+    if (spans[s].storage != spans[reach].storage) {
+      reach = s;
+      continue;
+    }
+    if (spans[s].begin < spans[reach].end) {
+      const size_t a = std::min(spans[s].index, spans[reach].index);
+      const size_t b = std::max(spans[s].index, spans[reach].index);
+      return py::make_tuple(a, b);
+    }
+    if (spans[s].end > spans[reach].end) {
+      reach = s;
+    }
+  }
+  return py::none();
 }
 
 }  // namespace
@@ -215,4 +377,9 @@ PYBIND11_MODULE(_C, m) {
            py::arg("overload"), py::arg("fallback"))
       .def("__call__", &dldna_fused::EagerOp::call);
   m.def("grads_of", &dldna_fused::grads_of, py::arg("params"));
+  m.def("states_match", &dldna_fused::states_match, py::arg("states"), py::arg("keys"),
+        py::arg("lists"));
+  m.def("dict_items", &dldna_fused::dict_items, py::arg("d"));
+  m.def("same_items", &dldna_fused::same_items, py::arg("d"), py::arg("items"));
+  m.def("find_overlap", &dldna_fused::find_overlap, py::arg("tensors"));
 }
