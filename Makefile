@@ -13,7 +13,7 @@ EXT_STAMP := build/.extension.stamp
 CMAKE_DIR := build/cmake
 NATIVE_INPUTS := $(shell find csrc -type f) setup.py pyproject.toml CMakeLists.txt
 
-.PHONY: all venv build cpp-test python-test test demo bench clean
+.PHONY: all venv build cpp-test python-test test sweep demo bench clean
 
 all: build
 
@@ -47,6 +47,10 @@ python-test: build
 	MPLBACKEND=Agg $(PYTHON) -m pytest python_tests
 
 test: build cpp-test python-test
+
+# The seeded randomized differential test at 100x the size CI runs (python_tests/test_random_parity.py).
+sweep: build
+	DLDNA_SWEEP_CASES=10000 $(PYTHON) -m pytest -q python_tests/test_random_parity.py
 
 bench: build
 	$(VENV)/bin/dldna-fused bench --optimizer adamw,lion,sophia,adafactor

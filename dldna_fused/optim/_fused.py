@@ -4,12 +4,16 @@ the collection of tensor lists grouped by (device, dtype) for one op call per gr
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
 
-from dldna_fused import ops
+from dldna_fused import _C, ops
+from dldna_fused._checks import (check_betas, check_hyperparameter, check_lr,  # noqa: F401 (re-exported)
+                                 check_weight_decay, scalar)
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -105,28 +109,30 @@ def to_local(tensors: list) -> list:
         return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
 
 
-def check_hyperparameter(name: str, value: Any, low: float, high: float | None = None, *, high_open=True):
-    """Raise ValueError naming ``name`` unless low <= value (< or <=) high."""
-    v = float(value)  # a 1-element tensor lr is allowed
-    ok = v >= low and (high is None or (v < high if high_open else v <= high))
-    if not ok:
-        bound = f"in [{low}, {high}{')' if high_open else ']'}" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be {bound}, got {value}")
+class _GroupLists:
+    """The cached op-call lists of one param group and what they were built from (see
+    [Note: cached tensor lists])."""
 
+    __slots__ = ("group", "params", "state", "version", "pattern", "calls", "verify", "sharded")
 
-def check_betas(betas) -> None:
-    """Raise ValueError naming betas unless it is a pair of numbers in [0, 1)."""
-    if len(betas) != 2:
-        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    check_hyperparameter("betas[0]", betas[0], 0.0, 1.0)
-    check_hyperparameter("betas[1]", betas[1], 0.0, 1.0)
+    def __init__(self, group, state, version, pattern, calls, verify, sharded):
+        self.group = group
+        self.params = list(group["params"])  # a snapshot: the group's list may change in place
+        self.state = state
+        self.version = version
+        self.pattern = pattern
+        self.calls = calls
+        self.verify = verify
+        self.sharded = sharded
 
 
 class FusedOptimizer(Optimizer):
     """Base of the dldna_fused optimizers (not for direct use).
 
-    Subclasses set ``_op_name`` (the op, for the device check), ``_state_keys`` (the floating-point
-    state tensors each parameter gets) and implement ``step``.
+    Subclasses set ``_op_name`` (the op, for the device check) and ``_state_keys`` (the
+    floating-point state tensors each parameter gets), implement ``step`` and
+    ``_check_options(options)`` (the hyperparameter rules, raising TypeError/ValueError naming the
+    argument), and may override ``_state_spec``.
     """
 
     # GradScaler passes grad_scale/found_inf (as attributes) instead of unscaling the grads itself;
@@ -147,62 +153,187 @@ class FusedOptimizer(Optimizer):
                 raise ValueError(f"state_dtype must be None (the param's dtype) or torch.float32, got {state_dtype}")
             # Only when asked for, so the default param_groups match torch.optim's key for key.
             defaults["state_dtype"] = state_dtype
+        self._check_options(defaults)
         super().__init__(params, defaults)
 
+    def _check_options(self, options: dict) -> None:
+        raise NotImplementedError
+
+    def _check_group(self, group: dict) -> None:
+        """The checks of a group's options before a step or after a load (``_check_options``
+        unless a subclass relaxes rules that only the constructor enforces)."""
+        self._check_options(group)
+
     def add_param_group(self, param_group: dict) -> None:
+        """As torch.optim's, and all or nothing: a group whose params or options are invalid
+        raises and is not added."""
+        count = len(self.param_groups)
         super().add_param_group(param_group)
-        for p in self.param_groups[-1]["params"]:
-            self._check_param(p)
+        try:
+            group = self.param_groups[-1]
+            self._check_options(group)
+            for p in group["params"]:
+                self._check_param(p)
+        except BaseException:
+            del self.param_groups[count:]
+            raise
         self._invalidate_lists()
 
     # [Note: cached tensor lists]
     # Rebuilding the per-(device, dtype) lists of params and state tensors costs a few microseconds
     # per parameter, which for 2000 small tensors is as much as the kernel itself. The lists are
-    # therefore built once, with a frozen copy of each for eager calls ([Note: eager calls] in
-    # csrc/python_module.cpp), and reused while (a) the same params have gradients, (b) the
-    # optimizer's state object is the same, (c) the group options that shape the lists (e.g.
-    # amsgrad) are the same and (d) nothing went through load_state_dict/add_param_group, which
-    # bump _lists_version. Only the gradients, which autograd may replace every step, are gathered
-    # anew each step. Code that swaps state tensors by hand calls _invalidate_lists().
+    # therefore built once per param group, frozen for eager calls ([Note: eager calls] in
+    # csrc/python_module.cpp), and reused while everything they were built from is unchanged:
+    # - the group is the same dict at the same position, and its "params" holds the same tensors
+    #   in the same order (compared by identity, so in-place edits of the list count);
+    # - self.state is the same object holding the same (param, state dict) pairs in the same order
+    #   (one native walk over the dict, _C.same_items, against a snapshot taken when lists were
+    #   last built), so clear(), del or a new dict for a param rebuild every group;
+    # - for every param in the lists, its state dict still holds the very tensors in the lists for
+    #   every key the op uses (_C.states_match), so a replaced state tensor rebuilds its group;
+    # - the same params have gradients, and the group options that shape the lists are the same;
+    # - nothing went through load_state_dict/add_param_group (they bump _lists_version).
+    # In-place changes of a state tensor's values need nothing: the lists hold the same tensors.
+    # Only the gradients, which autograd may replace every step, are gathered anew each step. The
+    # cache holds one entry per group position, so a stale entry is dropped when it is replaced and
+    # a load drops them all: nothing keeps replaced states alive.
     def _invalidate_lists(self) -> None:
         self._lists_version = getattr(self, "_lists_version", 0) + 1
+        self.__dict__.pop("_lists_cache", None)
+        self.__dict__.pop("_state_snapshot", None)
 
-    def _cached_lists(self, group: dict, has_grad: bytes, build, options: tuple):
-        """The lists ``build(group)`` made for the params of ``group`` that have a grad (``has_grad``
-        from ``ops.grads_of``).
+    def _state_unchanged(self) -> bool:
+        """Whether self.state holds the same (param, state dict) pairs as when the cached lists
+        were last built (see [Note: cached tensor lists])."""
+        snapshot = self.__dict__.get("_state_snapshot")
+        return snapshot is not None and snapshot[0] is self.state and _C.same_items(self.state, snapshot[1])
 
-        Returns [(device, dtype), params_index, lists] entries; ``build`` is called when the cache is
-        stale (see [Note: cached tensor lists]); ``options`` are the group options ``build`` reads.
-        Outside torch.compile the lists are frozen (``ops.freeze``).
+    def _fresh(self, entry: _GroupLists | None, group: dict, pattern: tuple) -> bool:
+        """Whether ``entry`` still describes ``group`` (see [Note: cached tensor lists])."""
+        if (entry is None or entry.group is not group or entry.pattern != pattern or entry.state is not self.state
+                or entry.version != getattr(self, "_lists_version", 0)):
+            return False
+        params = group["params"]
+        if len(params) != len(entry.params) or not all(map(operator.is_, params, entry.params)):
+            return False
+        return all(_C.states_match(states, keys, lists) for states, keys, lists in entry.verify)
+
+    def _group_lists(self, index: int, group: dict, has_grad: bytes, build, options: tuple) -> _GroupLists:
+        """The op-call lists of ``group`` (at ``index`` in param_groups) for the params that have a
+        grad (``has_grad`` from ``ops.grads_of``): rebuilt by ``build(group)`` when stale, and
+        checked (``_check_lists``) whenever built. ``options`` are the group options ``build`` reads.
+        A rebuild clears the state snapshot, which _collect_calls then takes anew.
         """
-        if torch.compiler.is_compiling():
-            return [(key_, index, [to_local(lst) for lst in lists]) for key_, index, lists in build(group)]
-        cache = self.__dict__.setdefault("_lists_cache", {})
-        has_grad = (options, has_grad)
-        key = id(group)
-        entry = cache.get(key)
-        version = getattr(self, "_lists_version", 0)
-        if (entry is None or entry[0] is not group or entry[1] is not self.state or entry[2] != version
-                or entry[3] != has_grad):
-            frozen = [(key_, index, [ops.freeze(to_local(lst)) for lst in lists]) for key_, index, lists in build(group)]
-            entry = (group, self.state, version, has_grad, frozen)
-            cache[key] = entry
-            # Whether this group's grads need to_local, decided once here rather than per step.
-            self.__dict__.setdefault("_sharded_groups", {})[key] = to_local(group["params"]) is not group["params"]
-        return entry[4]
+        pattern = (options, has_grad)
+        compiling = torch.compiler.is_compiling()
+        if not compiling:
+            cache = self.__dict__.setdefault("_lists_cache", [])
+            del cache[len(self.param_groups):]
+            cache.extend([None] * (len(self.param_groups) - len(cache)))
+            if self._fresh(cache[index], group, pattern):
+                return cache[index]
+            cache[index] = None  # drop the stale lists (and the tensors they hold) before building
+            self.__dict__.pop("_state_snapshot", None)
+        entries = build(group)
+        self._check_lists(index, group, entries)
+        sharded = to_local(group["params"]) is not group["params"]
+        if compiling:
+            calls = [(key, idx, [to_local(lst) for lst, _ in lists]) for key, idx, lists in entries]
+            return _GroupLists(group, self.state, 0, pattern, calls, [], sharded)
+        calls, verify = [], []
+        for key, idx, lists in entries:
+            frozen = [ops.freeze(to_local(lst)) for lst, _ in lists]
+            calls.append((key, idx, frozen))
+            named = [(name, lst) for (_, name), lst in zip(lists, frozen) if name is not None and len(lst)]
+            if named:
+                # Compared against the state dicts, so the lists of the state's own tensors
+                # (DTensors stay DTensors there), not their local shards.
+                originals = {name: lst for lst, name in lists}
+                verify.append(([self.state[p] for p in lists[0][0]], tuple(name for name, _ in named),
+                               [originals[name] for name, _ in named]))
+        entry = _GroupLists(group, self.state, getattr(self, "_lists_version", 0), pattern, calls, verify, sharded)
+        cache[index] = entry
+        return entry
 
     def _check_param(self, p: torch.Tensor) -> None:
+        """The checks of a param at construction; the device is checked at step(), as torch.optim's
+        fused optimizers do, so a model built on the meta device can be given to the optimizer
+        before ``to_empty()``."""
         name = type(self).__name__
         if p.is_complex():
             raise ValueError(f"{name}: complex params are not supported (got dtype {p.dtype}); use torch.view_as_real")
         if p.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"{name}: params must be float32, bfloat16 or float16, got {p.dtype}")
-        if not ops.has_kernel(p.device.type):
-            raise ValueError(f"{name}: no fused kernel for params on device '{p.device}' in this build (have: cpu"
-                             f"{', cuda' if ops.has_kernel('cuda') else ''})")
+
+    def _state_spec(self, group: dict, p: torch.Tensor) -> dict:
+        """{state key: expected shape} of a param of ``group`` (``step`` included): the states a
+        step needs and a loaded state_dict must hold."""
+        spec = {key: p.shape for key in self._state_keys}
+        spec["step"] = ()  # a float32 0-dim tensor (a loaded state_dict may hold a number)
+        return spec
+
+    def _check_lists(self, index: int, group: dict, entries: list) -> None:
+        """Checks the lists ``build`` made for group ``index`` before any op runs: params on a
+        device with a kernel, states of the expected shape/dtype/device, and no two tensors written
+        by one call sharing memory (they would be updated concurrently). Raises naming the param."""
+        name = type(self).__name__
+        where = f"{name}: param group {index}"
+        positions = {id(p): i for i, p in enumerate(group["params"])}
+        for _, _, lists in entries:
+            params = lists[0][0]
+            for p in params:
+                if not ops.has_kernel(p.device.type):
+                    raise RuntimeError(
+                        f"{where}, params[{positions[id(p)]}]: no fused kernel for params on device '{p.device}' in "
+                        f"this build (have: cpu{', cuda' if ops.has_kernel('cuda') else ''})")
+            specs = [self._state_spec(group, p) for p in params]
+            state_dtype = None
+            for tensors, key in lists[1:]:
+                if key is None:
+                    continue
+                for p, spec, t in zip(params, specs, tensors):
+                    shape = spec.get(key)
+                    label = f"{where}, params[{positions[id(p)]}]: state '{key}'"
+                    if not isinstance(t, torch.Tensor):
+                        raise TypeError(f"{label} must be a Tensor, got {type(t).__name__}")
+                    if t.device != p.device:
+                        raise ValueError(f"{label} is on {t.device} but the param is on {p.device}")
+                    if key == "step" or shape == ():
+                        if t.dtype != torch.float32 or t.numel() != 1:
+                            raise ValueError(f"{label} must be a float32 tensor of one element, got {t.dtype} "
+                                             f"with {t.numel()} elements")
+                        continue
+                    if t.shape != shape:
+                        raise ValueError(f"{label} has shape {tuple(t.shape)} but must have shape {tuple(shape)}")
+                    allowed = (torch.float32,) if self._fp32_states_only else (p.dtype, torch.float32)
+                    if t.dtype not in allowed or (state_dtype is not None and t.dtype != state_dtype):
+                        expected = state_dtype or " or ".join(map(str, allowed))
+                        raise ValueError(f"{label} has dtype {t.dtype}; the states of one (device, dtype) "
+                                         f"bucket must all be {expected}")
+                    state_dtype = t.dtype
+            # What the kernels write: the local shards of DTensors.
+            overlap = _C.find_overlap(to_local([t for tensors, key in lists if key != "step" for t in tensors]))
+            if overlap is not None:
+                labels = [(positions[id(p)], key or "param") for tensors, key in lists if key != "step"
+                          for p, _ in zip(params, tensors)]
+                (i, a), (j, b) = labels[overlap[0]], labels[overlap[1]]
+                what = (f"params[{i}] overlaps itself in memory (an expanded view)" if overlap[0] == overlap[1]
+                        else f"{a} of params[{i}] and {b} of params[{j}] share memory")
+                raise RuntimeError(f"{where}: {what}; one fused step would update the shared elements "
+                                   "concurrently. Give each param (and state) its own storage, e.g. with .clone()")
+
+    # States of every dtype are float32 (AdaFactor), or the param's dtype or float32 (the rest).
+    _fp32_states_only = False
 
     def _state_dtype(self, group: dict, p: torch.Tensor) -> torch.dtype:
         return group.get("state_dtype") or p.dtype
+
+    def _record_new_state(self, p: torch.Tensor, key: str) -> None:
+        """Notes a state entry a step creates, so a step that fails before its first op call can
+        remove it again (see _collect_calls)."""
+        log = self.__dict__.get("_new_states")
+        if log is not None:
+            log.append((p, key))
 
     def _init_state(self, group: dict, params: list, keys: tuple[str, ...], *, step: bool = True) -> None:
         """Zero states ``keys`` (and a zero ``step`` when ``step``) for ``params``, laid out as in
@@ -216,64 +347,105 @@ class FusedOptimizer(Optimizer):
                 for key in keys:
                     state[key] = torch.zeros_like(p, dtype=self._state_dtype(group, p),
                                                   memory_format=torch.preserve_format)
+                    self._record_new_state(p, key)
                 if step:
                     state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    self._record_new_state(p, "step")
         for (device, dtype), ps in buckets.items():
             for key in keys:
                 for p, t in zip(ps, _packed_like(ps, dtype)):
                     self.state[p][key] = t
+                    self._record_new_state(p, key)
             if step:
                 for p, t in zip(ps, _packed_steps(device, [0.0] * len(ps))):
                     self.state[p]["step"] = t
+                    self._record_new_state(p, "step")
 
     def _build_state_lists(self, group: dict, keys: tuple[str, ...]) -> list:
-        """[((device, dtype), index, [params, *(state[key] for key in keys), steps])] for the params
-        of ``group`` that have a grad, creating the states they miss; ``index`` lists the positions
-        in group["params"] of each bucket's params (None: all of them, in order)."""
-        with_grad = [p for p in group["params"] if p.grad is not None]
+        """[((device, dtype, round), index, [(params, None), *((state[key] for the params), key),
+        (steps, "step")])] for the params of ``group`` that have a grad, creating the states they
+        miss; ``index`` lists the positions in group["params"] of each bucket's params (None: all of
+        them, in order).
+
+        A param listed twice in a group (torch.optim warns, then updates it twice in sequence)
+        goes into a second round of calls: round r holds the r-th occurrences, and the rounds run in
+        order, so the result is torch's sequential one and no call sees the same memory twice.
+        """
+        params = group["params"]
+        with_grad = list({id(p): p for p in params if p.grad is not None}.values())
         missing: dict = {}
         for p in with_grad:
-            state = self.state[p]
+            state = self.state.get(p, {})
             absent = tuple(key for key in (*keys, "step") if key not in state)
             if absent:
                 missing.setdefault(absent, []).append(p)
         for absent, ps in missing.items():
             self._init_state(group, ps, tuple(k for k in absent if k != "step"), step="step" in absent)
+        rounds = _occurrences(params)
         buckets: dict = {}
-        for i, p in enumerate(group["params"]):
+        for i, p in enumerate(params):
             if p.grad is None:
                 continue
             state = self.state[p]
-            index, lists = buckets.setdefault((p.device, p.dtype), ([], tuple([] for _ in range(len(keys) + 2))))
+            index, lists = buckets.setdefault((p.device, p.dtype, rounds[i]), ([], tuple([] for _ in range(len(keys) + 2))))
             index.append(i)
             lists[0].append(p)
             for k, key in enumerate(keys, start=1):
                 lists[k].append(state[key])
             lists[-1].append(state["step"])
-        everything = list(range(len(group["params"])))
-        return [(key, None if index == everything else index, list(lists)) for key, (index, lists) in buckets.items()]
+        everything = list(range(len(params)))
+        return [(key, None if index == everything else index, list(zip(lists, (None, *keys, "step"))))
+                for key, (index, lists) in sorted(buckets.items(), key=lambda item: item[0][2])]
 
     def _collect_calls(self, build, options) -> list:
-        """[(group, (device, dtype), grads, lists)]: one entry per op call of this step, for every
-        group, built (and so checked) before any tensor changes, so that an error leaves every
-        param as it was. ``build(group)`` makes the lists (see _cached_lists); ``options(group)``
-        are the group options it reads."""
-        calls = []
-        for group in self.param_groups:
-            grads, any_sparse, has_grad = ops.grads_of(group["params"])
+        """[(group, key, grads, lists)]: one entry per op call of this step, for every group, built
+        and checked before any tensor changes, so that an error leaves every param, state and
+        grad as it was (states created on the way are removed again). ``build(group)`` makes the
+        lists (see _group_lists); ``options(group)`` are the group options it reads."""
+        name = type(self).__name__
+        gathered = []
+        for index, group in enumerate(self.param_groups):
+            try:
+                self._check_group(group)
+                grads, any_sparse, has_grad = ops.grads_of(group["params"])
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"{name}: param group {index}: {error}") from None
             if any_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            entries = self._cached_lists(group, has_grad, build, options(group))
-            if torch.compiler.is_compiling() or self.__dict__.get("_sharded_groups", {}).get(id(group)):
+                raise RuntimeError(f"{name} does not support sparse gradients")
+            gathered.append((group, grads, has_grad))
+        compiling = torch.compiler.is_compiling()
+        if not compiling and not self._state_unchanged():
+            self._invalidate_lists()  # an entry of self.state was added, replaced or removed
+        log: list = []
+        self.__dict__["_new_states"] = log
+        try:
+            entries = [self._group_lists(index, group, has_grad, build, options(group))
+                       for index, (group, _, has_grad) in enumerate(gathered)]
+        except BaseException:
+            for p, key in reversed(log):
+                state = self.state.get(p)
+                if state is not None:
+                    state.pop(key, None)
+                    if not state:
+                        del self.state[p]
+            self._invalidate_lists()
+            raise
+        finally:
+            self.__dict__["_new_states"] = None
+        if not compiling and "_state_snapshot" not in self.__dict__:
+            self.__dict__["_state_snapshot"] = (self.state, _C.dict_items(self.state))
+        calls = []
+        for (group, grads, _), entry in zip(gathered, entries):
+            if entry.sharded or compiling:
                 grads = to_local(grads)
-            for key, index, lists in entries:
+            for key, index, lists in entry.calls:
                 calls.append((group, key, grads if index is None else [grads[i] for i in index], lists))
         return calls
 
     def _pack_state(self) -> None:
         """Re-packs loaded states as in [Note: flat state], with their values."""
         for group in self.param_groups:
-            params = [p for p in group["params"] if self.state.get(p) and _packable(p)]
+            params = list({id(p): p for p in group["params"] if self.state.get(p) and _packable(p)}.values())
             for key in self._state_keys:
                 buckets: dict = {}
                 for p in params:
@@ -298,32 +470,73 @@ class FusedOptimizer(Optimizer):
         return self._state_keys if group.get("state_dtype") == torch.float32 else ()
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Loads a state_dict of this class or of the torch.optim equivalent.
+        """Loads a state_dict of this class or of the torch.optim equivalent; all or nothing.
 
-        torch.optim keeps ``step`` on the CPU unless fused or capturable; the kernels read it on the
-        param's device, so it is moved there. torch.optim casts every floating-point state to its
-        param's dtype, which would round float32 states of bf16/fp16 params; those are taken from
-        ``state_dict`` again, unrounded. States are re-packed as in [Note: flat state].
+        Every param's state must be empty (never stepped) or complete (``_state_spec``: every
+        state tensor, of its param's shape, and a finite ``step`` >= 0); anything else raises and
+        leaves the optimizer as it was. torch.optim keeps ``step`` on the CPU unless fused or
+        capturable; the kernels read it on the param's device, so it is moved there. torch.optim
+        casts every floating-point state to its param's dtype, which would round float32 states of
+        bf16/fp16 params; those are taken from ``state_dict`` again, unrounded. States are
+        re-packed as in [Note: flat state].
         """
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         saved_states = [state_dict["state"].get(i) for i in saved_ids]
-        super().load_state_dict(state_dict)
-        self._invalidate_lists()
-        params = [p for g in self.param_groups for p in g["params"]]
-        originals = {p: saved for p, saved in zip(params, saved_states)}
-        for group in self.param_groups:
-            fp32_keys = self._fp32_state_keys(group)
-            for p in group["params"]:
-                state = self.state.get(p)
-                if not state:
-                    continue
-                if "step" in state:
+        before = {key: self.__dict__[key] for key in ("state", "param_groups")}
+        try:
+            super().load_state_dict(state_dict)
+            params = [p for g in self.param_groups for p in g["params"]]
+            originals = {p: saved for p, saved in zip(params, saved_states)}
+            name = type(self).__name__
+            for index, group in enumerate(self.param_groups):
+                self._check_group(group)
+                fp32_keys = self._fp32_state_keys(group)
+                for i, p in enumerate(group["params"]):
+                    state = self.state.get(p)
+                    if not state:
+                        continue
+                    self._check_loaded_state(f"{name}.load_state_dict: param group {index}, params[{i}]",
+                                             group, p, state)
                     state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(p.device).reshape(())
-                for key in fp32_keys:
-                    if key in state:
-                        saved = originals[p].get(key, state[key])
-                        state[key] = torch.as_tensor(saved).to(device=p.device, dtype=torch.float32, copy=True)
-        self._pack_state()
+                    for key in fp32_keys:
+                        if key in state:
+                            saved = originals[p].get(key, state[key])
+                            state[key] = torch.as_tensor(saved).to(device=p.device, dtype=torch.float32, copy=True)
+            self._pack_state()
+        except BaseException:
+            self.__dict__.update(before)
+            raise
+        finally:
+            self._invalidate_lists()
+
+    def _check_loaded_state(self, where: str, group: dict, p: torch.Tensor, state: dict) -> None:
+        """Raises naming the entry unless ``state`` holds every state ``_state_spec`` asks for, with
+        the right shapes, and a well-formed step."""
+        for key, shape in self._state_spec(group, p).items():
+            if key not in state:
+                raise KeyError(f"{where}: the state has no '{key}' (it has {sorted(state)}); a state_dict must hold "
+                               f"every state of a param that has stepped")
+            value = state[key]
+            if key == "step":
+                step = value
+                if isinstance(step, torch.Tensor):
+                    if step.numel() != 1 or not (step.is_floating_point() or step.dtype in (torch.int32, torch.int64)):
+                        raise ValueError(f"{where}: 'step' must be a number or a one-element real tensor, got "
+                                         f"{step.dtype} with {step.numel()} elements")
+                    step = step.item()
+                elif isinstance(step, bool) or not isinstance(step, numbers.Real):
+                    raise ValueError(f"{where}: 'step' must be a number or a one-element tensor, got "
+                                     f"{type(step).__name__} {step!r}")
+                if not (math.isfinite(step) and step >= 0):
+                    raise ValueError(f"{where}: 'step' must be finite and >= 0, got {step}")
+                continue
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"{where}: state '{key}' must be a Tensor, got {type(value).__name__}")
+            if not value.is_floating_point():
+                raise TypeError(f"{where}: state '{key}' must be a floating-point tensor, got {value.dtype}")
+            expected = tuple(shape)
+            if tuple(value.shape) != expected and not (expected == () and value.numel() == 1):
+                raise ValueError(f"{where}: state '{key}' has shape {tuple(value.shape)} but must have shape {expected}")
 
     def _amp_tensors(self, device: torch.device, cache: dict):
         """GradScaler's (grad_scale, found_inf) for params on ``device``, or (None, None)."""
@@ -337,3 +550,15 @@ class FusedOptimizer(Optimizer):
                 for t in (grad_scale, found_inf)
             )
         return cache[device]
+
+
+def _occurrences(params: list) -> list:
+    """For each position of ``params``, how many times the same tensor appeared before it."""
+    if len({id(p) for p in params}) == len(params):
+        return [0] * len(params)
+    seen: dict = {}
+    rounds = []
+    for p in params:
+        rounds.append(seen.get(id(p), 0))
+        seen[id(p)] = rounds[-1] + 1
+    return rounds

@@ -8,7 +8,8 @@ import torch
 
 from dldna_fused import ops
 from dldna_fused._closure import closure_loss
-from dldna_fused.optim._fused import FusedOptimizer, _packable, _packed, _packed_steps, dtensor_type
+from dldna_fused.optim._fused import (FusedOptimizer, _occurrences, _packable, _packed, _packed_steps,
+                                     dtensor_type, scalar)
 from dldna_fused.reference.adafactor import check_adafactor_options
 
 
@@ -66,7 +67,10 @@ class Adafactor(FusedOptimizer):
     Params with 2 or more dims are factored over their last two dims (leading dims are batched, so
     a conv weight ``out x in x kh x kw`` keeps ``out x in x kh`` row and ``out x in x kw`` column
     statistics); 1-D params keep a full :math:`V`. All statistics are float32 and all math runs in
-    fp32, also for bf16/fp16 params. A zero-size param only counts its step.
+    fp32, also for bf16/fp16 params. A zero-size param only counts its step. A NaN or inf in a
+    param's gradient makes that whole param NaN (through RMS(U) and the clip), as in transformers
+    and :class:`dldna_fused.reference.Adafactor`; use GradScaler (which skips such steps) or check
+    the gradients when they can be non-finite.
 
     This is not ``torch.optim.Adafactor``, whose ``lr`` only caps :math:`\rho_t`, which has no
     ``beta1``, ``relative_step`` or ``scale_parameter`` switches and applies :math:`\epsilon_1`
@@ -99,12 +103,32 @@ class Adafactor(FusedOptimizer):
                  clip_threshold: float = 1.0, decay_rate: float = -0.8, beta1: float | None = None,
                  weight_decay: float = 0.0, scale_parameter: bool = True, relative_step: bool = True,
                  warmup_init: bool = False):
-        check_adafactor_options(lr, eps, clip_threshold, decay_rate, beta1, weight_decay, relative_step,
-                                warmup_init)
         defaults = dict(lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1,
                         weight_decay=weight_decay, scale_parameter=scale_parameter,
                         relative_step=relative_step, warmup_init=warmup_init)
         super().__init__(params, defaults, foreach=None, differentiable=False, fused=None, state_dtype=None)
+
+    _fp32_states_only = True
+
+    _OPTIONS = ("lr", "eps", "clip_threshold", "decay_rate", "beta1", "weight_decay", "relative_step", "warmup_init")
+
+    @classmethod
+    def _check_options(cls, options: dict) -> None:
+        check_adafactor_options(*(options[key] for key in cls._OPTIONS))
+
+    def _check_group(self, group: dict) -> None:
+        check_adafactor_options(*(group[key] for key in self._OPTIONS), construction=False)
+
+    def _state_spec(self, group: dict, p: torch.Tensor) -> dict:
+        spec = {"RMS": (), "step": ()}
+        if group["beta1"] is not None:
+            spec["exp_avg"] = p.shape
+        if _factored(p):
+            spec["exp_avg_sq_row"] = p.shape[:-1]
+            spec["exp_avg_sq_col"] = p.shape[:-2] + p.shape[-1:]
+        else:
+            spec["exp_avg_sq"] = p.shape
+        return spec
 
     def _state_dtype(self, group: dict, p: torch.Tensor) -> torch.dtype:
         return torch.float32
@@ -114,27 +138,20 @@ class Adafactor(FusedOptimizer):
 
     def _init_states(self, group: dict, params: list) -> None:
         """Creates the states ``params`` miss, each kind as views of one buffer per device."""
-        use_first_moment = group["beta1"] is not None
         wanted: dict = {}  # (device, key) -> [(param, shape)]
         for p in params:
             state = self.state[p]
-            shapes = {"RMS": (), "step": ()}
-            if use_first_moment:
-                shapes["exp_avg"] = p.shape
-            if _factored(p):
-                shapes["exp_avg_sq_row"] = p.shape[:-1]
-                shapes["exp_avg_sq_col"] = p.shape[:-2] + p.shape[-1:]
-            else:
-                shapes["exp_avg_sq"] = p.shape
-            for key, shape in shapes.items():
+            for key, shape in self._state_spec(group, p).items():
                 if key in state:
                     continue
                 if _is_dtensor(p):
                     state[key] = _sharded_zeros(p, key, shape)
+                    self._record_new_state(p, key)
                 elif _packable(p):
                     wanted.setdefault((p.device, key), []).append((p, shape))
                 else:
                     state[key] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+                    self._record_new_state(p, key)
         for (device, key), entries in wanted.items():
             if key in ("step", "RMS"):
                 tensors = _packed_steps(device, [0.0] * len(entries))
@@ -142,19 +159,24 @@ class Adafactor(FusedOptimizer):
                 tensors = _packed([(shape, None) for _, shape in entries], torch.float32, device)
             for (p, _), t in zip(entries, tensors):
                 self.state[p][key] = t
+                self._record_new_state(p, key)
 
     def _build_lists(self, group: dict) -> list:
-        """[((device, dtype, factored), index, [params, rows, cols, sqs, exp_avgs, rms, steps])] for
-        the params of ``group`` with a grad."""
-        self._init_states(group, [p for p in group["params"] if p.grad is not None])
+        """[((device, dtype, factored, round), index, [(params, None), (rows, "exp_avg_sq_row"), ...,
+        (steps, "step")])] for the params of ``group`` with a grad, in the op's list order: params,
+        rows, cols, sqs, exp_avgs, rms, steps (see FusedOptimizer._build_state_lists for rounds)."""
+        params = group["params"]
+        self._init_states(group, list({id(p): p for p in params if p.grad is not None}.values()))
         use_first_moment = group["beta1"] is not None
+        rounds = _occurrences(params)
         buckets: dict = {}
-        for i, p in enumerate(group["params"]):
+        for i, p in enumerate(params):
             if p.grad is None or _is_dtensor(p):  # sharded params: _sharded_step
                 continue
             state = self.state[p]
             factored = _factored(p)
-            index, lists = buckets.setdefault((p.device, p.dtype, factored), ([], tuple([] for _ in range(7))))
+            index, lists = buckets.setdefault((p.device, p.dtype, factored, rounds[i]),
+                                              ([], tuple([] for _ in range(7))))
             index.append(i)
             lists[0].append(p)
             if factored:
@@ -166,8 +188,11 @@ class Adafactor(FusedOptimizer):
                 lists[4].append(state["exp_avg"])
             lists[5].append(state["RMS"])
             lists[6].append(state["step"])
-        everything = list(range(len(group["params"])))
-        return [(key, None if index == everything else index, list(lists)) for key, (index, lists) in buckets.items()]
+        everything = list(range(len(params)))
+        names = (None, "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq", "exp_avg", "RMS", "step")
+        return [(key, None if index == everything else index,
+                 [(lst, name if lst else None) for lst, name in zip(lists, names)])
+                for key, (index, lists) in sorted(buckets.items(), key=lambda item: item[0][3])]
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -175,12 +200,12 @@ class Adafactor(FusedOptimizer):
         loss = closure_loss(closure)
         calls = self._collect_calls(self._build_lists, lambda g: (g["beta1"] is not None,))
         amp_cache: dict = {}
-        for group, (device, _, _), grads, (params, rows, cols, sqs, exp_avgs, rms, steps) in calls:
+        for group, (device, _, _, _), grads, (params, rows, cols, sqs, exp_avgs, rms, steps) in calls:
             grad_scale, found_inf = self._amp_tensors(device, amp_cache)
             eps1, eps2 = group["eps"]
             ops.fused_adafactor_(
                 params, grads, rows, cols, sqs, exp_avgs, rms, steps,
-                lr=None if group["relative_step"] else float(group["lr"]), eps1=eps1, eps2=eps2,
+                lr=None if group["relative_step"] else scalar(group["lr"]), eps1=eps1, eps2=eps2,
                 clip_threshold=group["clip_threshold"], decay_rate=group["decay_rate"], beta1=group["beta1"],
                 weight_decay=group["weight_decay"], scale_parameter=group["scale_parameter"],
                 relative_step=group["relative_step"], warmup_init=group["warmup_init"],
@@ -272,7 +297,8 @@ class Adafactor(FusedOptimizer):
                 rho = min(1e-6 * t if group["warmup_init"] else 1e-2, 1.0 / math.sqrt(t))
             alpha = max(eps2, e["rms"]) * rho if group["scale_parameter"] else rho
             rms_u = math.sqrt(u_sq.item() / max(p.numel(), 1))
-            update = update * (alpha / max(1.0, rms_u / group["clip_threshold"]))
+            ratio = rms_u / group["clip_threshold"]
+            update = update * (alpha / (ratio if ratio > 1.0 or math.isnan(ratio) else 1.0))
             if beta1 is not None:
                 m = state["exp_avg"].to_local()
                 m.mul_(beta1).add_(update, alpha=1.0 - beta1)

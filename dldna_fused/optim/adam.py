@@ -6,7 +6,8 @@ import torch
 
 from dldna_fused import ops
 from dldna_fused._closure import closure_loss
-from dldna_fused.optim._fused import FusedOptimizer, check_betas, check_hyperparameter
+from dldna_fused.optim._fused import (FusedOptimizer, check_betas, check_hyperparameter, check_lr,
+                                     check_weight_decay, scalar)
 
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
@@ -66,12 +67,6 @@ class Adam(FusedOptimizer):
         decoupled_weight_decay: bool = False,
         state_dtype: torch.dtype | None = None,
     ):
-        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-            raise ValueError(f"lr as a Tensor must have one element, got {lr.numel()}")
-        check_hyperparameter("lr", lr, 0.0)
-        check_hyperparameter("eps", eps, 0.0)
-        check_betas(betas)
-        check_hyperparameter("weight_decay", weight_decay, 0.0)
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
             maximize=maximize, foreach=foreach, capturable=capturable,
@@ -79,6 +74,19 @@ class Adam(FusedOptimizer):
         )
         super().__init__(params, defaults, foreach=foreach, differentiable=differentiable, fused=fused,
                          state_dtype=state_dtype)
+
+    @staticmethod
+    def _check_options(options: dict) -> None:
+        check_lr(options["lr"], allow_tensor=True)
+        check_hyperparameter("eps", options["eps"], 0.0, torch_text="Invalid epsilon value")
+        check_betas(options["betas"])
+        check_weight_decay(options["weight_decay"])
+
+    def _state_spec(self, group: dict, p: torch.Tensor) -> dict:
+        spec = {"exp_avg": p.shape, "exp_avg_sq": p.shape, "step": ()}
+        if group["amsgrad"]:
+            spec["max_exp_avg_sq"] = p.shape
+        return spec
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -94,7 +102,7 @@ class Adam(FusedOptimizer):
         if group["amsgrad"]:
             # Also when amsgrad is switched on mid-training (torch.optim raises KeyError there).
             return self._build_state_lists(group, _STATE_KEYS)
-        return [(key, index, [*lists[:3], [], lists[3]])
+        return [(key, index, [*lists[:3], ([], None), lists[3]])
                 for key, index, lists in self._build_state_lists(group, _STATE_KEYS[:2])]
 
     @torch.no_grad()
@@ -103,9 +111,9 @@ class Adam(FusedOptimizer):
         loss = closure_loss(closure)
         calls = self._collect_calls(self._build_lists, lambda g: (g["amsgrad"], g.get("state_dtype")))
         amp_cache: dict = {}
-        for group, (device, _), grads, (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps) in calls:
+        for group, (device, _, _), grads, (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps) in calls:
             grad_scale, found_inf = self._amp_tensors(device, amp_cache)
-            beta1, beta2 = group["betas"]
+            beta1, beta2 = map(scalar, group["betas"])
             ops.fused_adam_(
                 params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
                 lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],

@@ -6,7 +6,7 @@ import torch
 
 from dldna_fused import ops
 from dldna_fused._closure import closure_loss
-from dldna_fused.optim._fused import FusedOptimizer, check_betas, check_hyperparameter
+from dldna_fused.optim._fused import FusedOptimizer, check_betas, check_lr, check_weight_decay, scalar
 
 
 class Lion(FusedOptimizer):
@@ -22,9 +22,11 @@ class Lion(FusedOptimizer):
         m_t &= \beta_2 m_{t-1} + (1-\beta_2) g_t
         \end{aligned}
 
-    with :math:`\operatorname{sign}(0) = 0`. Weight decay is decoupled and scaled by lr, as in the
-    authors' code. Because every coordinate moves by exactly lr, Lion wants a 3-10x smaller lr than
-    AdamW and a correspondingly larger weight_decay.
+    with :math:`\operatorname{sign}(0) = \operatorname{sign}(\mathrm{NaN}) = 0`, as ``torch.sign``
+    computes it: a NaN gradient leaves its coordinates where weight decay puts them (and makes
+    their momentum NaN, so they stay there), as in the reference and lion-pytorch. Weight decay
+    is decoupled and scaled by lr, as in the authors' code. Because every coordinate moves by
+    exactly lr, Lion wants a 3-10x smaller lr than AdamW and a correspondingly larger weight_decay.
 
     Args:
         params: iterable of parameters or param groups.
@@ -43,12 +45,16 @@ class Lion(FusedOptimizer):
     def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, maximize: bool = False,
                  state_dtype: torch.dtype | None = None):
-        check_hyperparameter("lr", lr, 0.0)
-        check_betas(betas)
-        check_hyperparameter("weight_decay", weight_decay, 0.0)
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults, foreach=None, differentiable=False, fused=None,
                          state_dtype=state_dtype)
+
+    @staticmethod
+    def _check_options(options: dict) -> None:
+        # The kernel takes lr as a float: a one-element CPU tensor (e.g. from a scheduler) is read.
+        check_lr(options["lr"], allow_tensor=True)
+        check_betas(options["betas"])
+        check_weight_decay(options["weight_decay"])
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -62,10 +68,10 @@ class Lion(FusedOptimizer):
         calls = self._collect_calls(lambda g: self._build_state_lists(g, self._state_keys),
                                     lambda g: (g.get("state_dtype"),))
         amp_cache: dict = {}
-        for group, (device, _), grads, (params, exp_avgs, steps) in calls:
+        for group, (device, _, _), grads, (params, exp_avgs, steps) in calls:
             grad_scale, found_inf = self._amp_tensors(device, amp_cache)
-            beta1, beta2 = group["betas"]
-            ops.fused_lion_(params, grads, exp_avgs, steps, lr=float(group["lr"]), beta1=beta1,
+            beta1, beta2 = map(scalar, group["betas"])
+            ops.fused_lion_(params, grads, exp_avgs, steps, lr=scalar(group["lr"]), beta1=beta1,
                             beta2=beta2, weight_decay=group["weight_decay"], maximize=group["maximize"],
                             grad_scale=grad_scale, found_inf=found_inf)
         return loss

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from dldna_fused import ops
 from dldna_fused._closure import closure_loss
-from dldna_fused.optim._fused import FusedOptimizer, check_betas, check_hyperparameter
+from dldna_fused.optim._fused import (FusedOptimizer, check_betas, check_hyperparameter, check_lr,
+                                     check_weight_decay, scalar)
 
 ESTIMATORS = ("gnb", "hutchinson")
 
@@ -72,29 +73,65 @@ class Sophia(FusedOptimizer):
                  rho: float = 0.04, weight_decay: float = 1e-1, *, k: int = 10, estimator: str = "gnb",
                  bs: float = 1, maximize: bool = False, seed: int | None = None,
                  state_dtype: torch.dtype | None = None):
-        check_hyperparameter("lr", lr, 0.0)
-        check_betas(betas)
-        check_hyperparameter("rho", rho, 0.0)
-        check_hyperparameter("weight_decay", weight_decay, 0.0)
-        if not (isinstance(k, int) and k >= 1):
-            raise ValueError(f"k must be an integer >= 1, got {k!r}")
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-        if not bs > 0:
-            raise ValueError(f"bs must be > 0, got {bs}")
         defaults = dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, k=k,
                         estimator=estimator, bs=bs, maximize=maximize)
         super().__init__(params, defaults, foreach=None, differentiable=False, fused=None,
                          state_dtype=state_dtype)
         self._generator = torch.Generator().manual_seed(seed) if seed is not None else None
         self._steps_since_hessian = 0
+        self._pending_found_inf: list = []  # GradScaler's found_inf of steps counted above
         self._unclipped: list = []  # (count tensor, coordinates) of the last step
+
+    @staticmethod
+    def _check_options(options: dict) -> None:
+        check_lr(options["lr"], allow_tensor=True)
+        check_betas(options["betas"])
+        check_hyperparameter("rho", options["rho"], 0.0)
+        check_weight_decay(options["weight_decay"])
+        k = options["k"]
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        if options["estimator"] not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {options['estimator']!r}")
+        check_hyperparameter("bs", options["bs"], 0.0, low_open=True)
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("_generator", None)
         self.__dict__.setdefault("_steps_since_hessian", 0)
+        self.__dict__.setdefault("_pending_found_inf", [])
         self.__dict__.setdefault("_unclipped", [])
+
+    def _hessian_cadence(self) -> int:
+        """Steps applied since the last Hessian update: steps GradScaler skipped (found_inf) do not
+        count, as they change nothing. Reads their found_inf flags (a sync on CUDA) only here."""
+        if self._pending_found_inf:
+            skipped = sum(int(f.item() != 0) for f in self._pending_found_inf)
+            self._steps_since_hessian -= skipped
+            self._pending_found_inf = []
+        return self._steps_since_hessian
+
+    # [Note: Sophia's cadence in checkpoints]
+    # The count of steps since the last Hessian update travels in the state_dict, in every param
+    # group's entry "steps_since_hessian", so a reloaded run updates the Hessian when the original
+    # would have. Groups are the one part of a state_dict that torch.distributed.checkpoint keeps
+    # besides the states; the key is taken out again on load, so live param_groups never hold it.
+    def state_dict(self) -> dict:
+        state_dict = super().state_dict()
+        count = self._hessian_cadence()
+        for group in state_dict["param_groups"]:
+            group["steps_since_hessian"] = count
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As :meth:`FusedOptimizer.load_state_dict`, and restores the Hessian cadence (see
+        [Note: Sophia's cadence in checkpoints]); a state_dict without it keeps the current one."""
+        groups = [dict(group) for group in state_dict["param_groups"]]
+        counts = [group.pop("steps_since_hessian", None) for group in groups]
+        super().load_state_dict({**state_dict, "param_groups": groups})
+        if counts and counts[0] is not None:
+            self._steps_since_hessian = int(counts[0])
+            self._pending_found_inf = []
 
     def _lists(self, group: dict) -> list:
         return self._build_state_lists(group, self._state_keys)
@@ -109,18 +146,22 @@ class Sophia(FusedOptimizer):
         calls = self._collect_calls(self._lists, lambda g: (g.get("state_dtype"),))
         amp_cache: dict = {}
         unclipped = []
-        for group, (device, _), grads, (params, exp_avgs, hessians, steps) in calls:
+        for group, (device, _, _), grads, (params, exp_avgs, hessians, steps) in calls:
             grad_scale, found_inf = self._amp_tensors(device, amp_cache)
             count = torch.zeros(1, dtype=torch.int64, device=device)
-            ops.fused_sophia_(params, grads, exp_avgs, hessians, steps, lr=float(group["lr"]),
-                              beta1=group["betas"][0], rho=group["rho"],
+            ops.fused_sophia_(params, grads, exp_avgs, hessians, steps, lr=scalar(group["lr"]),
+                              beta1=scalar(group["betas"][0]), rho=group["rho"],
                               bs=float(bs if bs is not None else group["bs"]),
                               weight_decay=group["weight_decay"], maximize=group["maximize"],
                               grad_scale=grad_scale, found_inf=found_inf, unclipped=count)
             unclipped.append((count, sum(p.numel() for p in ops.as_list(params))))
         if calls:
             self._unclipped = unclipped
-            self._steps_since_hessian += 1
+        # Every step counts towards the cadence, as in the reference, except one GradScaler skips.
+        self._steps_since_hessian += 1
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None:
+            self._pending_found_inf.append(found_inf)
         return loss
 
     @property
@@ -136,7 +177,7 @@ class Sophia(FusedOptimizer):
     def should_update_hessian(self) -> bool:
         """True once ``k`` steps have passed since the last :meth:`update_hessian` (or since the
         start): the authors' cadence."""
-        return self._steps_since_hessian >= min(g["k"] for g in self.param_groups)
+        return self._hessian_cadence() >= min(g["k"] for g in self.param_groups)
 
     @torch.no_grad()
     def update_hessian(self, scaler: torch.amp.GradScaler | None = None) -> None:
@@ -152,7 +193,7 @@ class Sophia(FusedOptimizer):
         are left untouched. The scaler's scale is not changed by this call.
         """
         calls = self._collect_calls(self._lists, lambda g: (g.get("state_dtype"),))
-        for group, (device, _), grads, (params, _, hessians, _) in calls:
+        for group, (device, _, _), grads, (params, _, hessians, _) in calls:
             found_inf = None
             if scaler is not None and scaler.is_enabled():
                 found_inf = torch.zeros(1, dtype=torch.float32, device=device)
@@ -169,9 +210,10 @@ class Sophia(FusedOptimizer):
                 estimates, square = grads, True
             else:
                 estimates, square = self._hutchinson(ops.as_list(params), grads), False
-            ops.fused_sophia_hessian_(hessians, estimates, beta2=group["betas"][1], square=square,
+            ops.fused_sophia_hessian_(hessians, estimates, beta2=scalar(group["betas"][1]), square=square,
                                       found_inf=found_inf)
         self._steps_since_hessian = 0
+        self._pending_found_inf = []
 
     def _hutchinson(self, params: list, grads: list) -> list:
         if any(g.grad_fn is None for g in grads):

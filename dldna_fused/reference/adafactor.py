@@ -11,32 +11,36 @@ import math
 import torch
 from torch.optim import Optimizer
 
+from dldna_fused._checks import check_hyperparameter, check_lr, check_weight_decay, scalar
 from dldna_fused._closure import closure_loss
 
 
 def check_adafactor_options(lr, eps, clip_threshold, decay_rate, beta1, weight_decay, relative_step,
-                            warmup_init) -> None:
-    """Raise ValueError for the argument combinations transformers' Adafactor rejects, and for
-    values outside their domains."""
-    if lr is not None and relative_step:
+                            warmup_init, *, construction: bool = True) -> None:
+    """Raise ValueError for the argument combinations transformers' Adafactor rejects, and
+    TypeError/ValueError for values outside their domains (NaN included). With
+    ``construction=False`` (a group's options at a step) an lr next to ``relative_step=True`` is
+    allowed, since the step ignores it: torch.distributed.checkpoint, for one, sets every group's
+    lr to 0 for a step that creates the states."""
+    if lr is not None and relative_step and construction:
         raise ValueError("Cannot combine manual `lr` and `relative_step=True` options "
                          "(pass lr=None, or relative_step=False)")
     if lr is None and not relative_step:
         raise ValueError("`relative_step=False` requires a manual `lr`, got lr=None")
     if warmup_init and not relative_step:
         raise ValueError("`warmup_init=True` requires `relative_step=True`")
-    if lr is not None and lr < 0.0:
-        raise ValueError(f"lr must be >= 0, got {lr}")
-    if len(eps) != 2 or eps[0] < 0.0 or eps[1] < 0.0:
+    if lr is not None:
+        check_lr(lr, allow_tensor=True)
+    if isinstance(eps, (str, bytes)) or not hasattr(eps, "__len__") or len(eps) != 2:
         raise ValueError(f"eps must be a pair (eps1, eps2) of numbers >= 0, got {eps!r}")
-    if clip_threshold <= 0.0:
-        raise ValueError(f"clip_threshold must be > 0, got {clip_threshold}")
-    if decay_rate > 0.0:
-        raise ValueError(f"decay_rate must be <= 0 (beta2_t = 1 - t**decay_rate), got {decay_rate}")
-    if beta1 is not None and not 0.0 <= beta1 < 1.0:
-        raise ValueError(f"beta1 must be None or in [0, 1), got {beta1}")
-    if weight_decay < 0.0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    check_hyperparameter("eps[0]", eps[0], 0.0)
+    check_hyperparameter("eps[1]", eps[1], 0.0)
+    check_hyperparameter("clip_threshold", clip_threshold, 0.0, low_open=True)
+    # beta2_t = 1 - t**decay_rate must stay in [0, 1).
+    check_hyperparameter("decay_rate", decay_rate, -math.inf, 0.0, high_open=False)
+    if beta1 is not None:
+        check_hyperparameter("beta1", beta1, 0.0, 1.0)
+    check_weight_decay(weight_decay)
 
 
 def _rms(x: torch.Tensor) -> torch.Tensor:
@@ -100,7 +104,7 @@ class Adafactor(Optimizer):
 
                 rms = _rms(theta)
                 state["RMS"].copy_(rms)
-                rho = group["lr"]
+                rho = group["lr"] if group["relative_step"] else scalar(group["lr"])
                 if group["relative_step"]:
                     rho = min(1e-6 * t if group["warmup_init"] else 1e-2, 1.0 / math.sqrt(t))
                 alpha = max(eps2, rms.item()) * rho if group["scale_parameter"] else rho
