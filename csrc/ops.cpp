@@ -7,6 +7,9 @@
 // divided by grad_scale inside the kernel and, as torch's fused optimizers do, left unscaled in
 // place afterwards (so `grads` are mutable; [Note: unscaled grads] in cpu/kernel_table.h); when
 // found_inf is nonzero nothing changes at all, not even the step counters or the grads.
+// `clip_coef` (float32, one element) multiplies the gradient the update sees, after unscaling, and
+// is never written into the grads: a folded clip_grad_norm_ ([Note: folded clipping] in
+// dldna_fused/optim/_fused.py).
 
 #include <torch/library.h>
 
@@ -18,7 +21,7 @@ TORCH_LIBRARY(dldna_fused, m) {
       "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] state_steps, *, "
       "float lr, float beta1, float beta2, float weight_decay, float eps, bool amsgrad, "
       "bool maximize, bool decoupled_weight_decay, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None) -> ()");
+      "Tensor? found_inf=None, Tensor? clip_coef=None) -> ()");
   // The same with lr as a one-element tensor (read on the device under CUDA, so a scheduler can
   // change it between replays of a captured CUDA graph).
   m.def(
@@ -26,14 +29,14 @@ TORCH_LIBRARY(dldna_fused, m) {
       "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] state_steps, *, "
       "Tensor lr, float beta1, float beta2, float weight_decay, float eps, bool amsgrad, "
       "bool maximize, bool decoupled_weight_decay, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None) -> ()");
+      "Tensor? found_inf=None, Tensor? clip_coef=None) -> ()");
 
   // Lion: p <- p(1 - lr wd) - lr sign(b1 m + (1-b1) g); m <- b2 m + (1-b2) g. state_steps are
   // incremented (Lion's rule does not read them; they keep torch.optim's state layout).
   m.def(
       "fused_lion_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
       "Tensor(d!)[] state_steps, *, float lr, float beta1, float beta2, float weight_decay, "
-      "bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? clip_coef=None) -> ()");
   // SophiaG's step: p <- p(1 - lr wd); m <- b1 m + (1-b1) g;
   // p <- p - lr sign(m) min(|m| / (rho bs h + 1e-15), 1). `unclipped` (int64, one element), when
   // given, is increased by the number of coordinates whose ratio was below 1.
@@ -41,7 +44,7 @@ TORCH_LIBRARY(dldna_fused, m) {
       "fused_sophia_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
       "Tensor[] hessians, Tensor(d!)[] state_steps, *, float lr, float beta1, float rho, "
       "float bs, float weight_decay, bool maximize, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None, Tensor(e!)? unclipped=None) -> ()");
+      "Tensor? found_inf=None, Tensor(e!)? unclipped=None, Tensor? clip_coef=None) -> ()");
   // SophiaG's Hessian EMA: h <- b2 h + (1-b2) e, with e = (x / grad_scale)^2 when `square` (the
   // GNB estimator, x the gradients) and e = x / grad_scale otherwise (x = z * Hz, Hutchinson).
   m.def(
@@ -59,7 +62,16 @@ TORCH_LIBRARY(dldna_fused, m) {
       "Tensor(g!)[] rms, Tensor(h!)[] state_steps, *, float? lr, float eps1, float eps2, "
       "float clip_threshold, float decay_rate, float? beta1, float weight_decay, "
       "bool scale_parameter, bool relative_step, bool warmup_init, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None) -> ()");
+      "Tensor? found_inf=None, Tensor? clip_coef=None) -> ()");
+
+  // The norm of all `tensors` together, as one 0-dim float32 tensor on their device: norm_type 1,
+  // 2 or inf, accumulated in fp32 lanes and double partials whatever the tensors' dtype, added up
+  // in a fixed order (the same result for any thread count), and divided by grad_scale when given
+  // (the norm of GradScaler-unscaled gradients). Reads nothing back to the host on CUDA.
+  m.def("fused_grad_norm(Tensor[] tensors, float norm_type, Tensor? grad_scale=None) -> Tensor");
+  // tensors *= factor (float32, one element, on their device; read there on CUDA), in place: the
+  // scaling pass of clip_grad_norm_ as one multi-tensor launch.
+  m.def("fused_scale_(Tensor(a!)[] tensors, Tensor factor) -> ()");
 }
 
 // The ops never record autograd history (the optimizers call them under no_grad, as torch.optim
@@ -73,4 +85,6 @@ TORCH_LIBRARY_IMPL(dldna_fused, Autograd, m) {
   m.impl("fused_sophia_", torch::CppFunction::makeFallthrough());
   m.impl("fused_sophia_hessian_", torch::CppFunction::makeFallthrough());
   m.impl("fused_adafactor_", torch::CppFunction::makeFallthrough());
+  m.impl("fused_grad_norm", torch::CppFunction::makeFallthrough());
+  m.impl("fused_scale_", torch::CppFunction::makeFallthrough());
 }

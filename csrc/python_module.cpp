@@ -5,6 +5,8 @@
 // the pybind11/JIT headers (slow to compile); the kernels never see Python.
 
 #include <torch/csrc/jit/python/pybind_utils.h>
+#include <torch/csrc/Device.h>
+#include <torch/csrc/DynamicTypes.h>
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <ATen/PythonTorchFunctionTLS.h>
@@ -109,10 +111,13 @@ class EagerOp {
   EagerOp(const std::string& name, const std::string& overload, py::object fallback)
       : op_(c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), overload.c_str())),
         fallback_(std::move(fallback)) {
-    TORCH_INTERNAL_ASSERT(op_.schema().returns().empty(), "EagerOp only calls ops returning ()");
+    const auto& returns = op_.schema().returns();
+    TORCH_INTERNAL_ASSERT(returns.empty() || (returns.size() == 1 && returns[0].type()->kind() == c10::TypeKind::TensorType),
+                          "EagerOp only calls ops returning () or one Tensor");
   }
 
-  void call(const py::args& args, const py::kwargs& kwargs) const {
+  // The op's result: None, or its one Tensor.
+  py::object call(const py::args& args, const py::kwargs& kwargs) const {
     if (at::impl::PythonTorchFunctionTLS::stack_len() > 0 || !all_plain(args) || !all_plain(kwargs)) {
       py::list plain_args;
       for (py::handle a : args) {
@@ -122,8 +127,7 @@ class EagerOp {
       for (auto item : kwargs) {
         plain_kwargs[item.first] = unfreeze(item.second);
       }
-      fallback_(*plain_args, **plain_kwargs);
-      return;
+      return fallback_(*plain_args, **plain_kwargs);
     }
     std::vector<at::Tensor> keep_alive;
     torch::jit::Stack stack = make_stack(args, kwargs, keep_alive);
@@ -131,6 +135,10 @@ class EagerOp {
       py::gil_scoped_release no_gil;
       op_.callBoxed(stack);
     }
+    if (stack.empty()) {
+      return py::none();
+    }
+    return py::reinterpret_steal<py::object>(THPVariable_Wrap(stack.back().toTensor()));
   }
 
  private:
@@ -208,7 +216,7 @@ std::string grad_mismatch(const at::Tensor& p, const at::Tensor& g) {
 // computing these in Python. Also checks every grad against its param (shape, dtype, device), so
 // that a step rejects a bad grad in any group before it changes anything (ValueError naming the
 // param's position).
-py::tuple grads_of(const py::list& params) {
+py::tuple grads_of(const py::list& params, bool check) {
   const size_t n = params.size();
   py::list grads(n);
   std::string has_grad(n, '\0');
@@ -222,7 +230,7 @@ py::tuple grads_of(const py::list& params) {
     const at::Tensor& grad = param.grad();
     if (grad.defined()) {
       any_sparse = any_sparse || grad.layout() != at::kStrided;
-      if (std::string why = grad_mismatch(param, grad); !why.empty()) {
+      if (std::string why = check ? grad_mismatch(param, grad) : std::string(); !why.empty()) {
         throw py::value_error("params[" + std::to_string(i) + "]: its grad " + why);
       }
       has_grad[i] = 1;
@@ -232,6 +240,36 @@ py::tuple grads_of(const py::list& params) {
     }
   }
   return py::make_tuple(grads, any_sparse, py::bytes(has_grad));
+}
+
+// (device, dtype) of `tensors` when every one is a plain torch.Tensor/nn.Parameter, strided, on one
+// device and of one dtype (the common case of a model's grads, which then take one op call),
+// else None. One pass in C++: the same test in Python costs ~0.3 ms for 2000 tensors.
+py::object common_device_dtype(const py::list& tensors) {
+  if (tensors.empty()) {
+    return py::none();
+  }
+  at::Device device(at::kCPU);
+  at::ScalarType dtype = at::kFloat;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    PyObject* obj = tensors[i].ptr();
+    if (!THPVariable_Check(obj) || !FrozenTensorList::is_plain_tensor(obj)) {
+      return py::none();
+    }
+    const at::Tensor& t = THPVariable_Unpack(obj);
+    if (t.layout() != at::kStrided) {
+      return py::none();
+    }
+    if (i == 0) {
+      device = t.device();
+      dtype = t.scalar_type();
+    } else if (t.device() != device || t.scalar_type() != dtype) {
+      return py::none();
+    }
+  }
+  // getTHPDtype: torch's own dtype object (dtypes compare by identity).
+  return py::make_tuple(py::reinterpret_steal<py::object>(THPDevice_New(device)),
+                        py::reinterpret_borrow<py::object>(reinterpret_cast<PyObject*>(torch::getTHPDtype(dtype))));
 }
 
 // The Python list of tensors behind a list argument (a list, or a FrozenTensorList).
@@ -376,7 +414,8 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init<const std::string&, const std::string&, py::object>(), py::arg("name"),
            py::arg("overload"), py::arg("fallback"))
       .def("__call__", &dldna_fused::EagerOp::call);
-  m.def("grads_of", &dldna_fused::grads_of, py::arg("params"));
+  m.def("grads_of", &dldna_fused::grads_of, py::arg("params"), py::arg("check") = true);
+  m.def("common_device_dtype", &dldna_fused::common_device_dtype, py::arg("tensors"));
   m.def("states_match", &dldna_fused::states_match, py::arg("states"), py::arg("keys"),
         py::arg("lists"));
   m.def("dict_items", &dldna_fused::dict_items, py::arg("d"));

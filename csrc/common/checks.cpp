@@ -116,6 +116,17 @@ void check_amp_tensors(const char* op, const std::optional<at::Tensor>& grad_sca
   }
 }
 
+void check_clip_coef(const char* op, const std::optional<at::Tensor>& clip_coef, const at::Device& device) {
+  if (!clip_coef.has_value()) {
+    return;
+  }
+  const at::Tensor& c = *clip_coef;
+  TORCH_CHECK(c.scalar_type() == at::kFloat && c.numel() == 1, op,
+              ": clip_coef must be a float32 tensor of one element, got ", c.scalar_type(), " with ",
+              c.numel(), " elements");
+  TORCH_CHECK(c.device() == device, op, ": clip_coef is on ", c.device(), " but the params are on ", device);
+}
+
 void check_lr(const char* op, double lr) {
   TORCH_CHECK(lr >= 0.0, op, ": lr must be >= 0, got ", lr);
 }

@@ -41,6 +41,9 @@ void check_state_steps(const char* op, at::TensorList state_steps, size_t expect
 void check_amp_tensors(const char* op, const std::optional<at::Tensor>& grad_scale,
                        const std::optional<at::Tensor>& found_inf, const at::Device& device);
 
+// A folded clip factor: a float32 tensor of one element on `device`.
+void check_clip_coef(const char* op, const std::optional<at::Tensor>& clip_coef, const at::Device& device);
+
 void check_lr(const char* op, double lr);
 void check_beta(const char* op, const char* name, double beta);
 void check_nonnegative(const char* op, const char* name, double value);

@@ -29,13 +29,18 @@ void fused_adafactor_cpu(at::TensorList params, at::TensorList grads,
                          std::optional<double> beta1, double weight_decay, bool scale_parameter,
                          bool relative_step, bool warmup_init,
                          const std::optional<at::Tensor>& grad_scale,
-                         const std::optional<at::Tensor>& found_inf) {
+                         const std::optional<at::Tensor>& found_inf,
+                         const std::optional<at::Tensor>& clip_coef) {
   const AdafactorCall call = check_adafactor_call(
       params, grads, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_sqs, exp_avgs, rms, state_steps, lr,
       eps1, eps2, clip_threshold, decay_rate, beta1, weight_decay, scale_parameter, relative_step,
       warmup_init, grad_scale, found_inf);
   const AdafactorOptions& o = call.options;
-  if (params.empty() || cpu::found_inf_set(found_inf)) {
+  if (params.empty()) {
+    return;
+  }
+  check_clip_coef("dldna_fused::fused_adafactor_", clip_coef, params[0].device());
+  if (cpu::found_inf_set(found_inf)) {
     return;
   }
   const size_t n = params.size();
@@ -106,14 +111,14 @@ void fused_adafactor_cpu(at::TensorList params, at::TensorList grads,
   }
   const cpu::AdafactorLaunch launch{kernel_dtype(call.dtypes.param),
                                     static_cast<float>(eps1),
-                                    cpu::inverse_grad_scale(grad_scale),
+                                    cpu::gradient_factor(grad_scale, clip_coef),
                                     args.data(),
                                     units.data(),
                                     col_offsets.data(),
                                     col_partials.data(),
                                     unit_p2.data(),
                                     unit_u2.data(),
-                                    store_grads};
+                                    cpu::unscale_factor(grad_scale)};
   const cpu::KernelTable& kernels = cpu::cpu_kernels();
 
   // Finalize 1 of tensor i: RMS(p), and for factored tensors C's EMA from the column sums (units

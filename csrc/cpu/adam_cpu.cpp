@@ -18,18 +18,20 @@ void fused_adam_cpu_impl(at::TensorList params, at::TensorList grads, at::Tensor
                          at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
                          at::TensorList state_steps, double lr, const AdamHyperparameters& hp,
                          const std::optional<at::Tensor>& grad_scale,
-                         const std::optional<at::Tensor>& found_inf) {
+                         const std::optional<at::Tensor>& found_inf,
+                         const std::optional<at::Tensor>& clip_coef) {
   const CallDtypes dtypes = check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
                                             state_steps, hp, grad_scale, found_inf);
   check_lr("dldna_fused::fused_adam_", lr);
   if (params.empty()) {
     return;
   }
+  check_clip_coef("dldna_fused::fused_adam_", clip_coef, params[0].device());
   // A step GradScaler found inf/nan in is skipped whole: params, states and step counters.
   if (cpu::found_inf_set(found_inf)) {
     return;
   }
-  const float inv_grad_scale = cpu::inverse_grad_scale(grad_scale);
+  const float inv_grad_scale = cpu::gradient_factor(grad_scale, clip_coef);
 
   const bool store_grads = grad_scale.has_value();  // [Note: unscaled grads]
   DenseLayout layout({params, grads, exp_avgs, exp_avg_sqs,
@@ -56,7 +58,7 @@ void fused_adam_cpu_impl(at::TensorList params, at::TensorList grads, at::Tensor
   }
 
   const cpu::AdamLaunch launch{kernel_dtype(dtypes.param), kernel_dtype(dtypes.state), args.data(),
-                               store_grads};
+                               cpu::unscale_factor(grad_scale)};
   cpu::parallel_over_chunks(cpu::make_chunks(params), cpu::cpu_kernels().adam, launch);
   layout.copy_back();
 }
@@ -71,11 +73,12 @@ void fused_adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     at::TensorList state_steps, double lr, double beta1, double beta2,
                     double weight_decay, double eps, bool amsgrad, bool maximize,
                     bool decoupled_weight_decay, const std::optional<at::Tensor>& grad_scale,
-                    const std::optional<at::Tensor>& found_inf) {
+                    const std::optional<at::Tensor>& found_inf,
+                    const std::optional<at::Tensor>& clip_coef) {
   fused_adam_cpu_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr,
                       hyperparameters(beta1, beta2, weight_decay, eps, amsgrad, maximize,
                                       decoupled_weight_decay),
-                      grad_scale, found_inf);
+                      grad_scale, found_inf, clip_coef);
 }
 
 void fused_adam_cpu_tensor_lr(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -84,13 +87,14 @@ void fused_adam_cpu_tensor_lr(at::TensorList params, at::TensorList grads, at::T
                               double beta2, double weight_decay, double eps, bool amsgrad,
                               bool maximize, bool decoupled_weight_decay,
                               const std::optional<at::Tensor>& grad_scale,
-                              const std::optional<at::Tensor>& found_inf) {
+                              const std::optional<at::Tensor>& found_inf,
+                              const std::optional<at::Tensor>& clip_coef) {
   check_lr_tensor("dldna_fused::fused_adam_", lr, at::kCPU);
   fused_adam_cpu_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
                       lr.item<double>(),
                       hyperparameters(beta1, beta2, weight_decay, eps, amsgrad, maximize,
                                       decoupled_weight_decay),
-                      grad_scale, found_inf);
+                      grad_scale, found_inf, clip_coef);
 }
 
 }  // namespace

@@ -32,14 +32,16 @@ enum class Dtype : int8_t { Float, BFloat16, Half };
 
 // [Note: unscaled grads]
 // With GradScaler's grad_scale, torch's fused optimizers leave g / scale in p.grad after the step
-// (and the scaled g when found_inf skips it). The kernels do the same: `grad` is written back
-// when the launch's store_unscaled_grads is set, from the gradient already in registers, so it
-// costs one store and no extra pass. The CUDA ops do it with one foreach multiply after the
-// launch (store_unscaled_grads in cuda/multi_tensor_apply.cu).
+// (and the scaled g when found_inf skips it). The kernels do the same: `grad` is written back as
+// g * unscale_grads when the launch's unscale_grads is nonzero, from the gradient already in
+// registers, so it costs one store and no extra pass. A folded clip factor (clip_coef, see
+// [Note: folded clipping] in dldna_fused/optim/_fused.py) is in the update's gradient factor but
+// not in unscale_grads: the step never writes clipped grads. The CUDA ops write the grads back
+// with one foreach multiply after the launch (store_unscaled_grads in cuda/multi_tensor_apply.cu).
 
 struct AdamTensorArgs {
   void* param;
-  void* grad;  // written only with store_unscaled_grads
+  void* grad;  // written only with unscale_grads
   void* exp_avg;
   void* exp_avg_sq;
   void* max_exp_avg_sq;  // nullptr unless amsgrad
@@ -50,7 +52,7 @@ struct AdamLaunch {
   Dtype param_dtype;  // grads share it
   Dtype state_dtype;  // the param's dtype, or Float
   const AdamTensorArgs* tensors;
-  bool store_unscaled_grads;  // see [Note: unscaled grads]
+  float unscale_grads;  // 0, or 1 / grad_scale: see [Note: unscaled grads]
 };
 
 struct LionTensorArgs {
@@ -64,7 +66,7 @@ struct LionLaunch {
   Dtype state_dtype;
   LionCoefficients coefficients;
   const LionTensorArgs* tensors;
-  bool store_unscaled_grads;
+  float unscale_grads;
 };
 
 struct SophiaTensorArgs {
@@ -80,7 +82,7 @@ struct SophiaLaunch {
   SophiaCoefficients coefficients;
   const SophiaTensorArgs* tensors;
   std::atomic<int64_t>* unclipped;  // += coordinates with ratio < 1; nullptr: not counted
-  bool store_unscaled_grads;
+  float unscale_grads;
 };
 
 struct SophiaHessianTensorArgs {
@@ -98,7 +100,7 @@ struct SophiaHessianLaunch {
 // One tensor of a fused_adafactor_ call. See [Note: AdaFactor passes] in common/adafactor_math.h.
 struct AdafactorTensorArgs {
   void* param;
-  void* grad;  // written back unscaled by pass 3 with store_unscaled_grads
+  void* grad;  // written back unscaled by pass 3 with unscale_grads
   float* exp_avg_sq_row;  // factored: matrices x rows
   float* exp_avg_sq_col;  // factored: matrices x cols
   float* exp_avg_sq;      // unfactored
@@ -126,7 +128,29 @@ struct AdafactorLaunch {
   float* col_partials;
   double* unit_p2;  // sum of p^2
   double* unit_u2;  // sum of U^2
-  bool store_unscaled_grads;
+  float unscale_grads;
+};
+
+// The norm a fused_grad_norm call computes: sum |x|, sum x^2 (the caller takes the root) or
+// max |x| (NaN wins, as in torch.linalg.vector_norm).
+enum class NormKind : int8_t { L1, L2, Inf };
+
+// fused_grad_norm: each chunk k writes its partial (sum or max) to partials[k], where k counts from
+// `chunks`, the call's first chunk; the host combines the partials in chunk order, so the result
+// does not depend on how chunks were spread over threads.
+struct GradNormLaunch {
+  Dtype dtype;
+  NormKind kind;
+  const void* const* tensors;  // data pointers, one per tensor
+  const Chunk* chunks;
+  double* partials;
+};
+
+// fused_scale_: every element of every tensor times `factor` (the second pass of clip_grad_norm_).
+struct ScaleLaunch {
+  Dtype dtype;
+  float factor;
+  void* const* tensors;
 };
 
 struct KernelTable {
@@ -139,6 +163,8 @@ struct KernelTable {
   void (*adafactor_reduce)(const AdafactorLaunch& launch, const Chunk* units, int64_t num_units);
   void (*adafactor_update_norm)(const AdafactorLaunch& launch, const Chunk* units, int64_t num_units);
   void (*adafactor_apply)(const AdafactorLaunch& launch, const Chunk* units, int64_t num_units);
+  void (*grad_norm)(const GradNormLaunch& launch, const Chunk* chunks, int64_t num_chunks);
+  void (*scale)(const ScaleLaunch& launch, const Chunk* chunks, int64_t num_chunks);
 };
 
 const KernelTable& kernels_default();

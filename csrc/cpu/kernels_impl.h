@@ -30,21 +30,21 @@ void dispatch_param_state(Dtype param, Dtype state, F&& f) {
   }
 }
 
-// See [Note: unscaled grads] in cpu/kernel_table.h: g * (1/scale), the product the update rules
-// compute, stored back into the grad's block or element.
+// See [Note: unscaled grads] in cpu/kernel_table.h: g * unscale (1 / GradScaler's scale) stored
+// back into the grad's block or element.
 template <typename P>
-inline void store_unscaled_block(P* grad, const FloatVec* g, float inv_grad_scale) {
-  const FloatVec inv(inv_grad_scale);
-  store_block(grad, g[0] * inv, g[1] * inv);
+inline void store_unscaled_block(P* grad, const FloatVec* g, float unscale) {
+  const FloatVec factor(unscale);
+  store_block(grad, g[0] * factor, g[1] * factor);
 }
 
 template <typename P>
-inline void store_unscaled(P* grad, int64_t i, float inv_grad_scale) {
-  grad[i] = static_cast<P>(static_cast<float>(grad[i]) * inv_grad_scale);
+inline void store_unscaled(P* grad, int64_t i, float unscale) {
+  grad[i] = static_cast<P>(static_cast<float>(grad[i]) * unscale);
 }
 
 template <typename P, typename S>
-void adam_range(const AdamTensorArgs& t, int64_t begin, int64_t end, bool store_grads) {
+void adam_range(const AdamTensorArgs& t, int64_t begin, int64_t end, float unscale) {
   auto* param = static_cast<P*>(t.param);
   auto* grad = static_cast<P*>(t.grad);
   auto* exp_avg = static_cast<S*>(t.exp_avg);
@@ -71,8 +71,8 @@ void adam_range(const AdamTensorArgs& t, int64_t begin, int64_t end, bool store_
     if (c.amsgrad) {
       store_block(max_exp_avg_sq + i, v_max[0], v_max[1]);
     }
-    if (store_grads) {
-      store_unscaled_block(grad + i, g, c.inv_grad_scale);
+    if (unscale != 0.f) {
+      store_unscaled_block(grad + i, g, unscale);
     }
   }
   // The tail runs the same rule on scalars.
@@ -88,8 +88,8 @@ void adam_range(const AdamTensorArgs& t, int64_t begin, int64_t end, bool store_
     if (c.amsgrad) {
       max_exp_avg_sq[i] = static_cast<S>(v_max);
     }
-    if (store_grads) {
-      store_unscaled(grad, i, c.inv_grad_scale);
+    if (unscale != 0.f) {
+      store_unscaled(grad, i, unscale);
     }
   }
 }
@@ -101,14 +101,14 @@ inline void adam_chunks(const AdamLaunch& launch, const Chunk* chunks, int64_t n
     for (int64_t k = 0; k < num_chunks; ++k) {
       const Chunk& chunk = chunks[k];
       adam_range<P, S>(launch.tensors[chunk.tensor], chunk.begin, chunk.end,
-                       launch.store_unscaled_grads);
+                       launch.unscale_grads);
     }
   });
 }
 
 template <typename P, typename S>
 void lion_range(const LionTensorArgs& t, const LionCoefficients& c, int64_t begin, int64_t end,
-                bool store_grads) {
+                float unscale) {
   auto* param = static_cast<P*>(t.param);
   auto* grad = static_cast<P*>(t.grad);
   auto* exp_avg = static_cast<S*>(t.exp_avg);
@@ -123,8 +123,8 @@ void lion_range(const LionTensorArgs& t, const LionCoefficients& c, int64_t begi
     }
     store_block(param + i, p[0], p[1]);
     store_block(exp_avg + i, m[0], m[1]);
-    if (store_grads) {
-      store_unscaled_block(grad + i, g, c.inv_grad_scale);
+    if (unscale != 0.f) {
+      store_unscaled_block(grad + i, g, unscale);
     }
   }
   for (; i < end; ++i) {
@@ -133,8 +133,8 @@ void lion_range(const LionTensorArgs& t, const LionCoefficients& c, int64_t begi
     lion_update(p, static_cast<float>(grad[i]), m, c);
     param[i] = static_cast<P>(p);
     exp_avg[i] = static_cast<S>(m);
-    if (store_grads) {
-      store_unscaled(grad, i, c.inv_grad_scale);
+    if (unscale != 0.f) {
+      store_unscaled(grad, i, unscale);
     }
   }
 }
@@ -145,7 +145,7 @@ inline void lion_chunks(const LionLaunch& launch, const Chunk* chunks, int64_t n
       const Chunk& chunk = chunks[k];
       lion_range<decltype(p_tag), decltype(s_tag)>(launch.tensors[chunk.tensor],
                                                    launch.coefficients, chunk.begin, chunk.end,
-                                                   launch.store_unscaled_grads);
+                                                   launch.unscale_grads);
     }
   });
 }
@@ -153,7 +153,7 @@ inline void lion_chunks(const LionLaunch& launch, const Chunk* chunks, int64_t n
 // Returns the number of coordinates whose ratio was below 1 (not clipped).
 template <typename P, typename S>
 int64_t sophia_range(const SophiaTensorArgs& t, const SophiaCoefficients& c, int64_t begin,
-                     int64_t end, bool store_grads) {
+                     int64_t end, float unscale) {
   auto* param = static_cast<P*>(t.param);
   auto* grad = static_cast<P*>(t.grad);
   auto* exp_avg = static_cast<S*>(t.exp_avg);
@@ -175,8 +175,8 @@ int64_t sophia_range(const SophiaTensorArgs& t, const SophiaCoefficients& c, int
     }
     store_block(param + i, p[0], p[1]);
     store_block(exp_avg + i, m[0], m[1]);
-    if (store_grads) {
-      store_unscaled_block(grad + i, g, c.inv_grad_scale);
+    if (unscale != 0.f) {
+      store_unscaled_block(grad + i, g, unscale);
     }
   }
   float lanes[FloatVec::size()];
@@ -191,8 +191,8 @@ int64_t sophia_range(const SophiaTensorArgs& t, const SophiaCoefficients& c, int
     unclipped += ratio < 1.f;
     param[i] = static_cast<P>(p);
     exp_avg[i] = static_cast<S>(m);
-    if (store_grads) {
-      store_unscaled(grad, i, c.inv_grad_scale);
+    if (unscale != 0.f) {
+      store_unscaled(grad, i, unscale);
     }
   }
   return unclipped;
@@ -205,7 +205,7 @@ inline void sophia_chunks(const SophiaLaunch& launch, const Chunk* chunks, int64
       const Chunk& chunk = chunks[k];
       unclipped += sophia_range<decltype(p_tag), decltype(s_tag)>(
           launch.tensors[chunk.tensor], launch.coefficients, chunk.begin, chunk.end,
-          launch.store_unscaled_grads);
+          launch.unscale_grads);
     }
   });
   if (launch.unclipped != nullptr) {
@@ -480,7 +480,7 @@ void adafactor_apply_unit(const AdafactorLaunch& launch, const AdafactorTensorAr
                           const Chunk& unit) {
   // The last pass that reads g, so the one that stores it back unscaled.
   auto* grad = static_cast<P*>(t.grad);
-  const bool store_grads = launch.store_unscaled_grads;
+  const float unscale = launch.unscale_grads;
   const FloatVec inv(launch.inv_grad_scale), one(1.f);
   const float inv_scale = launch.inv_grad_scale;
   constexpr int64_t kHalf = FloatVec::size();
@@ -492,8 +492,8 @@ void adafactor_apply_unit(const AdafactorLaunch& launch, const AdafactorTensorAr
           t, offset, t.cols,
           [&](int64_t i, FloatVec* u) {
             load_block(g + i, u[0], u[1]);
-            if (store_grads) {
-              store_unscaled_block(g + i, u, inv_scale);
+            if (unscale != 0.f) {
+              store_unscaled_block(g + i, u, unscale);
             }
             for (int h = 0; h < 2; ++h) {
               u[h] = u[h] * inv * (r * FloatVec::loadu(col_rsqrt + i + h * kHalf));
@@ -501,8 +501,8 @@ void adafactor_apply_unit(const AdafactorLaunch& launch, const AdafactorTensorAr
           },
           [&](int64_t i) {
             const float scaled = load_float(g, i);
-            if (store_grads) {
-              store_unscaled(g, i, inv_scale);
+            if (unscale != 0.f) {
+              store_unscaled(g, i, unscale);
             }
             return scaled * inv_scale * (r_factor * col_rsqrt[i]);
           });
@@ -515,8 +515,8 @@ void adafactor_apply_unit(const AdafactorLaunch& launch, const AdafactorTensorAr
       t, unit.begin, unit.end - unit.begin,
       [&](int64_t i, FloatVec* u) {
         load_block(g + i, u[0], u[1]);
-        if (store_grads) {
-          store_unscaled_block(g + i, u, inv_scale);
+        if (unscale != 0.f) {
+          store_unscaled_block(g + i, u, unscale);
         }
         for (int h = 0; h < 2; ++h) {
           u[h] = u[h] * inv * (one / FloatVec::loadu(sq + i + h * kHalf).sqrt());
@@ -524,8 +524,8 @@ void adafactor_apply_unit(const AdafactorLaunch& launch, const AdafactorTensorAr
       },
       [&](int64_t i) {
         const float scaled = load_float(g, i);
-        if (store_grads) {
-          store_unscaled(g, i, inv_scale);
+        if (unscale != 0.f) {
+          store_unscaled(g, i, unscale);
         }
         return scaled * inv_scale * (1.f / OpMath<float>::sqrt(sq[i]));
       });
@@ -540,6 +540,91 @@ inline void adafactor_apply_units(const AdafactorLaunch& launch, const Chunk* un
   });
 }
 
+// ---- fused_grad_norm: one partial per chunk ----
+
+template <typename T>
+double grad_norm_range(const T* x, int64_t begin, int64_t end, NormKind kind) {
+  // Lanes accumulate in fp32 over at most kFlushElements, then flush into double (as AdaFactor's
+  // sums), so a 32768-element chunk keeps ~1e-7 relative accuracy.
+  const FloatVec zero(0.f);
+  double total = 0.0;
+  for (int64_t flush = begin; flush < end; flush += kFlushElements) {
+    const int64_t stop = std::min(flush + kFlushElements, end);
+    FloatVec lanes(0.f);
+    float tail = 0.f;
+    int64_t i = flush;
+    for (; i + kVecBlock <= stop; i += kVecBlock) {
+      FloatVec v[2];
+      load_block(x + i, v[0], v[1]);
+      for (int h = 0; h < 2; ++h) {
+        if (kind == NormKind::L2) {
+          lanes = lanes + v[h] * v[h];
+        } else {
+          const FloatVec a = v[h].abs();
+          // max that lets NaN through: blend a in where a > lanes or a is NaN.
+          lanes = kind == NormKind::L1 ? lanes + a : FloatVec::blendv(lanes, a, (a > lanes) | (a != a));
+        }
+      }
+    }
+    for (; i < stop; ++i) {
+      const float v = static_cast<float>(x[i]);
+      if (kind == NormKind::L2) {
+        tail += v * v;
+      } else if (kind == NormKind::L1) {
+        tail += std::abs(v);
+      } else if (std::abs(v) > tail || v != v) {
+        tail = std::abs(v);
+      }
+    }
+    if (kind == NormKind::Inf) {
+      float lane_values[FloatVec::size()];
+      lanes.store(lane_values);
+      for (float lane : lane_values) {
+        if (lane > tail || lane != lane) {
+          tail = lane;
+        }
+      }
+      if (tail > total || tail != tail) {
+        total = tail;
+      }
+    } else {
+      total += static_cast<double>(horizontal_sum(lanes)) + tail;
+    }
+  }
+  return total;
+}
+
+inline void grad_norm_chunks(const GradNormLaunch& launch, const Chunk* chunks, int64_t num_chunks) {
+  dispatch_param(launch.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    for (int64_t k = 0; k < num_chunks; ++k) {
+      const Chunk& chunk = chunks[k];
+      launch.partials[&chunk - launch.chunks] = grad_norm_range(
+          static_cast<const T*>(launch.tensors[chunk.tensor]), chunk.begin, chunk.end, launch.kind);
+    }
+  });
+}
+
+inline void scale_chunks(const ScaleLaunch& launch, const Chunk* chunks, int64_t num_chunks) {
+  dispatch_param(launch.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const FloatVec factor(launch.factor);
+    for (int64_t k = 0; k < num_chunks; ++k) {
+      const Chunk& chunk = chunks[k];
+      T* x = static_cast<T*>(launch.tensors[chunk.tensor]);
+      int64_t i = chunk.begin;
+      for (; i + kVecBlock <= chunk.end; i += kVecBlock) {
+        FloatVec v[2];
+        load_block(x + i, v[0], v[1]);
+        store_block(x + i, v[0] * factor, v[1] * factor);
+      }
+      for (; i < chunk.end; ++i) {
+        x[i] = static_cast<T>(static_cast<float>(x[i]) * launch.factor);
+      }
+    }
+  });
+}
+
 inline const KernelTable& table(const char* name) {
   static const KernelTable kTable{name,
                                   &adam_chunks,
@@ -548,7 +633,9 @@ inline const KernelTable& table(const char* name) {
                                   &sophia_hessian_chunks,
                                   &adafactor_reduce_units,
                                   &adafactor_update_norm_units,
-                                  &adafactor_apply_units};
+                                  &adafactor_apply_units,
+                                  &grad_norm_chunks,
+                                  &scale_chunks};
   return kTable;
 }
 

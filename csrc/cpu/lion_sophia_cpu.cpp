@@ -25,10 +25,15 @@ void fused_lion_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     at::TensorList state_steps, double lr, double beta1, double beta2,
                     double weight_decay, bool maximize,
                     const std::optional<at::Tensor>& grad_scale,
-                    const std::optional<at::Tensor>& found_inf) {
+                    const std::optional<at::Tensor>& found_inf,
+                    const std::optional<at::Tensor>& clip_coef) {
   const CallDtypes dtypes = check_lion_args(params, grads, exp_avgs, state_steps, lr, beta1, beta2,
                                             weight_decay, grad_scale, found_inf);
-  if (params.empty() || cpu::found_inf_set(found_inf)) {
+  if (params.empty()) {
+    return;
+  }
+  check_clip_coef("dldna_fused::fused_lion_", clip_coef, params[0].device());
+  if (cpu::found_inf_set(found_inf)) {
     return;
   }
   const bool store_grads = grad_scale.has_value();  // [Note: unscaled grads]
@@ -42,8 +47,9 @@ void fused_lion_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   increment_steps(state_steps);
   const cpu::LionLaunch launch{
       kernel_dtype(dtypes.param), kernel_dtype(dtypes.state),
-      lion_coefficients(lr, beta1, beta2, weight_decay, cpu::inverse_grad_scale(grad_scale), maximize),
-      args.data(), store_grads};
+      lion_coefficients(lr, beta1, beta2, weight_decay, cpu::gradient_factor(grad_scale, clip_coef),
+                        maximize),
+      args.data(), cpu::unscale_factor(grad_scale)};
   cpu::parallel_over_chunks(cpu::make_chunks(params), cpu::cpu_kernels().lion, launch);
   layout.copy_back();
 }
@@ -53,11 +59,16 @@ void fused_sophia_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
                       double rho, double bs, double weight_decay, bool maximize,
                       const std::optional<at::Tensor>& grad_scale,
                       const std::optional<at::Tensor>& found_inf,
-                      const std::optional<at::Tensor>& unclipped) {
+                      const std::optional<at::Tensor>& unclipped,
+                      const std::optional<at::Tensor>& clip_coef) {
   const CallDtypes dtypes =
       check_sophia_args(params, grads, exp_avgs, hessians, state_steps, lr, beta1, rho, bs,
                         weight_decay, grad_scale, found_inf, unclipped);
-  if (params.empty() || cpu::found_inf_set(found_inf)) {
+  if (params.empty()) {
+    return;
+  }
+  check_clip_coef("dldna_fused::fused_sophia_", clip_coef, params[0].device());
+  if (cpu::found_inf_set(found_inf)) {
     return;
   }
   const bool store_grads = grad_scale.has_value();  // [Note: unscaled grads]
@@ -72,8 +83,9 @@ void fused_sophia_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   std::atomic<int64_t> count{0};
   const cpu::SophiaLaunch launch{
       kernel_dtype(dtypes.param), kernel_dtype(dtypes.state),
-      sophia_coefficients(lr, beta1, rho, bs, weight_decay, cpu::inverse_grad_scale(grad_scale), maximize),
-      args.data(), unclipped.has_value() ? &count : nullptr, store_grads};
+      sophia_coefficients(lr, beta1, rho, bs, weight_decay, cpu::gradient_factor(grad_scale, clip_coef),
+                          maximize),
+      args.data(), unclipped.has_value() ? &count : nullptr, cpu::unscale_factor(grad_scale)};
   cpu::parallel_over_chunks(cpu::make_chunks(params), cpu::cpu_kernels().sophia, launch);
   layout.copy_back();
   if (unclipped.has_value()) {

@@ -16,6 +16,12 @@ float inverse_grad_scale(const std::optional<at::Tensor>& grad_scale) {
   return grad_scale.has_value() ? 1.f / *grad_scale->const_data_ptr<float>() : 1.f;
 }
 
+float gradient_factor(const std::optional<at::Tensor>& grad_scale,
+                      const std::optional<at::Tensor>& clip_coef) {
+  const float clip = clip_coef.has_value() ? *clip_coef->const_data_ptr<float>() : 1.f;
+  return clip * inverse_grad_scale(grad_scale);
+}
+
 std::vector<Chunk> make_chunks(at::TensorList tensors) {
   std::vector<Chunk> chunks;
   int64_t count = 0;

@@ -21,6 +21,13 @@ constexpr int64_t kChunkElements = 32768;
 // skipped) and 1 / grad_scale (1 without a scaler).
 bool found_inf_set(const std::optional<at::Tensor>& found_inf);
 float inverse_grad_scale(const std::optional<at::Tensor>& grad_scale);
+// What the update rules multiply the gradient by: clip_coef / grad_scale (either may be absent).
+float gradient_factor(const std::optional<at::Tensor>& grad_scale,
+                      const std::optional<at::Tensor>& clip_coef);
+// A launch's unscale_grads ([Note: unscaled grads] in cpu/kernel_table.h): 1 / grad_scale, or 0.
+inline float unscale_factor(const std::optional<at::Tensor>& grad_scale) {
+  return grad_scale.has_value() ? inverse_grad_scale(grad_scale) : 0.f;
+}
 
 // The grad's data for a kernel: mutable when the kernel stores the unscaled gradient back
 // ([Note: unscaled grads] in cpu/kernel_table.h), else read through const_data_ptr, which leaves

@@ -414,7 +414,8 @@ void fused_adafactor_cuda(at::TensorList params, at::TensorList grads,
                           std::optional<double> beta1, double weight_decay, bool scale_parameter,
                           bool relative_step, bool warmup_init,
                           const std::optional<at::Tensor>& grad_scale,
-                          const std::optional<at::Tensor>& found_inf) {
+                          const std::optional<at::Tensor>& found_inf,
+                          const std::optional<at::Tensor>& clip_coef) {
   const AdafactorCall call = check_adafactor_call(
       params, grads, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_sqs, exp_avgs, rms, state_steps, lr,
       eps1, eps2, clip_threshold, decay_rate, beta1, weight_decay, scale_parameter, relative_step,
@@ -507,7 +508,9 @@ void fused_adafactor_cuda(at::TensorList params, at::TensorList grads,
   args.max_tiles = max_tiles;
   args.options = o;
   args.eps1 = static_cast<float>(eps1);
-  args.grad_scale = grad_scale.has_value() ? grad_scale->const_data_ptr<float>() : nullptr;
+  check_clip_coef("dldna_fused::fused_adafactor_", clip_coef, params[0].device());
+  const std::optional<at::Tensor> divisor = gradient_divisor(grad_scale, clip_coef);
+  args.grad_scale = divisor.has_value() ? divisor->const_data_ptr<float>() : nullptr;
   args.found_inf = found_inf.has_value() ? found_inf->const_data_ptr<float>() : nullptr;
 
   switch (call.dtypes.param) {

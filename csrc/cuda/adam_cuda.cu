@@ -117,7 +117,8 @@ void fused_adam_cuda_impl(at::TensorList params, at::TensorList grads, at::Tenso
                           at::TensorList state_steps, double lr, const at::Tensor* lr_tensor,
                           const AdamHyperparameters& hp,
                           const std::optional<at::Tensor>& grad_scale,
-                          const std::optional<at::Tensor>& found_inf) {
+                          const std::optional<at::Tensor>& found_inf,
+                          const std::optional<at::Tensor>& clip_coef) {
   constexpr const char* op = "dldna_fused::fused_adam_";
   const CallDtypes dtypes = check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
                                             state_steps, hp, grad_scale, found_inf);
@@ -146,7 +147,9 @@ void fused_adam_cuda_impl(at::TensorList params, at::TensorList grads, at::Tenso
   args.eps = hp.eps;
   args.maximize = hp.maximize;
   args.decoupled_weight_decay = hp.decoupled_weight_decay;
-  args.grad_scale = grad_scale.has_value() ? grad_scale->const_data_ptr<float>() : nullptr;
+  check_clip_coef(op, clip_coef, params[0].device());
+  const std::optional<at::Tensor> divisor = gradient_divisor(grad_scale, clip_coef);
+  args.grad_scale = divisor.has_value() ? divisor->const_data_ptr<float>() : nullptr;
   args.found_inf = found_inf.has_value() ? found_inf->const_data_ptr<float>() : nullptr;
 
   std::vector<at::TensorList> originals{params, grads, exp_avgs, exp_avg_sqs};
@@ -183,11 +186,12 @@ void fused_adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                      at::TensorList state_steps, double lr, double beta1, double beta2,
                      double weight_decay, double eps, bool amsgrad, bool maximize,
                      bool decoupled_weight_decay, const std::optional<at::Tensor>& grad_scale,
-                     const std::optional<at::Tensor>& found_inf) {
+                     const std::optional<at::Tensor>& found_inf,
+                     const std::optional<at::Tensor>& clip_coef) {
   fused_adam_cuda_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr,
                        nullptr,
                        {beta1, beta2, weight_decay, eps, amsgrad, maximize, decoupled_weight_decay},
-                       grad_scale, found_inf);
+                       grad_scale, found_inf, clip_coef);
 }
 
 void fused_adam_cuda_tensor_lr(at::TensorList params, at::TensorList grads,
@@ -197,10 +201,11 @@ void fused_adam_cuda_tensor_lr(at::TensorList params, at::TensorList grads,
                                double weight_decay, double eps, bool amsgrad, bool maximize,
                                bool decoupled_weight_decay,
                                const std::optional<at::Tensor>& grad_scale,
-                               const std::optional<at::Tensor>& found_inf) {
+                               const std::optional<at::Tensor>& found_inf,
+                               const std::optional<at::Tensor>& clip_coef) {
   fused_adam_cuda_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, 0.0, &lr,
                        {beta1, beta2, weight_decay, eps, amsgrad, maximize, decoupled_weight_decay},
-                       grad_scale, found_inf);
+                       grad_scale, found_inf, clip_coef);
 }
 
 }  // namespace

@@ -242,16 +242,19 @@ void fused_lion_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                      at::TensorList state_steps, double lr, double beta1, double beta2,
                      double weight_decay, bool maximize,
                      const std::optional<at::Tensor>& grad_scale,
-                     const std::optional<at::Tensor>& found_inf) {
+                     const std::optional<at::Tensor>& found_inf,
+                     const std::optional<at::Tensor>& clip_coef) {
   const CallDtypes dtypes = check_lion_args(params, grads, exp_avgs, state_steps, lr, beta1, beta2,
                                             weight_decay, grad_scale, found_inf);
   if (params.empty()) {
     return;
   }
+  check_clip_coef("dldna_fused::fused_lion_", clip_coef, params[0].device());
   const c10::cuda::CUDAGuard device_guard(params[0].device());
   DenseLayout layout({params, grads, exp_avgs}, {true, false, true});
+  const std::optional<at::Tensor> divisor = gradient_divisor(grad_scale, clip_coef);
   const DeviceArgs<LionCoefficients> args{
-      lion_coefficients(lr, beta1, beta2, weight_decay, 1.f, maximize), optional_ptr(grad_scale),
+      lion_coefficients(lr, beta1, beta2, weight_decay, 1.f, maximize), optional_ptr(divisor),
       optional_ptr(found_inf)};
   const auto lists = dense_lists(layout, 3);
   dispatch_param_state(dtypes, [&](auto p_tag, auto s_tag) {
@@ -268,19 +271,22 @@ void fused_sophia_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
                        double beta1, double rho, double bs, double weight_decay, bool maximize,
                        const std::optional<at::Tensor>& grad_scale,
                        const std::optional<at::Tensor>& found_inf,
-                       const std::optional<at::Tensor>& unclipped) {
+                       const std::optional<at::Tensor>& unclipped,
+                       const std::optional<at::Tensor>& clip_coef) {
   const CallDtypes dtypes =
       check_sophia_args(params, grads, exp_avgs, hessians, state_steps, lr, beta1, rho, bs,
                         weight_decay, grad_scale, found_inf, unclipped);
   if (params.empty()) {
     return;
   }
+  check_clip_coef("dldna_fused::fused_sophia_", clip_coef, params[0].device());
   const c10::cuda::CUDAGuard device_guard(params[0].device());
   DenseLayout layout({params, grads, exp_avgs, hessians}, {true, false, true, false});
+  const std::optional<at::Tensor> divisor = gradient_divisor(grad_scale, clip_coef);
   // int64 and unsigned long long share a representation, so atomicAdd of counts is exact.
   const SophiaDeviceArgs args{
       {sophia_coefficients(lr, beta1, rho, bs, weight_decay, 1.f, maximize),
-       optional_ptr(grad_scale), optional_ptr(found_inf)},
+       optional_ptr(divisor), optional_ptr(found_inf)},
       unclipped.has_value()
           ? reinterpret_cast<unsigned long long*>(unclipped->data_ptr<int64_t>())
           : nullptr};

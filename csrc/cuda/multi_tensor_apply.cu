@@ -1,6 +1,7 @@
 #include "cuda/multi_tensor_apply.cuh"
 
 #include <ATen/ops/_foreach_mul.h>
+#include <ATen/ops/div.h>
 #include <ATen/ops/ones_like.h>
 #include <ATen/ops/ne.h>
 #include <ATen/ops/reciprocal.h>
@@ -55,6 +56,15 @@ void store_unscaled_grads(at::TensorList grads, const std::optional<at::Tensor>&
     factor = at::where(at::ne(found_inf->reshape({}), 0), at::ones_like(factor), factor);
   }
   at::_foreach_mul_(grads, factor);
+}
+
+std::optional<at::Tensor> gradient_divisor(const std::optional<at::Tensor>& grad_scale,
+                                           const std::optional<at::Tensor>& clip_coef) {
+  if (!clip_coef.has_value()) {
+    return grad_scale;
+  }
+  const at::Tensor clip = clip_coef->reshape({1});
+  return grad_scale.has_value() ? at::div(grad_scale->reshape({1}), clip) : at::reciprocal(clip);
 }
 
 }  // namespace dldna_fused::cuda

@@ -39,6 +39,9 @@ struct TensorListMetadata {
   float* state_steps[kMaxTensors];  // nullptr for optimizers without step counters
   uint16_t block_to_tensor[kMaxBlocks];
   int32_t block_to_chunk[kMaxBlocks];
+  // Blocks of the same call in earlier launches: block_offset + blockIdx.x numbers the chunks of
+  // all tensors in order (reductions write one partial per chunk there).
+  int64_t block_offset;
 };
 static_assert(sizeof(TensorListMetadata<6>) < 20 * 1024);
 
@@ -70,6 +73,7 @@ void multi_tensor_apply(const std::vector<std::vector<at::Tensor>>& lists,
   Metadata metadata{};
   int tensors = 0;
   int blocks = 0;
+  int64_t launched = 0;
   for (size_t i = 0; i <= last; ++i) {
     const int64_t numel = lists[0][i].numel();
     if (numel == 0) {
@@ -89,8 +93,10 @@ void multi_tensor_apply(const std::vector<std::vector<at::Tensor>>& lists,
       const bool tensor_done = chunk == chunks - 1;
       if (blocks == kMaxBlocks || (tensor_done && tensors == Metadata::kMaxTensors) ||
           (tensor_done && i == last)) {
+        metadata.block_offset = launched;
         multi_tensor_apply_kernel<<<blocks, kBlockSize, 0, stream>>>(metadata, functor, args...);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launched += blocks;
         blocks = 0;
         if (tensor_done) {
           tensors = 0;

@@ -1,5 +1,6 @@
 #pragma once
-// [Note: unscaled grads] (cpu/kernel_table.h) on CUDA. Defined in cuda/multi_tensor_apply.cu.
+// [Note: unscaled grads] (cpu/kernel_table.h) on CUDA, and the folded clip factor. Defined in
+// cuda/multi_tensor_apply.cu.
 
 #include <ATen/core/Tensor.h>
 
@@ -12,5 +13,11 @@ namespace dldna_fused::cuda {
 // it after DenseLayout::copy_back (it writes the caller's tensors).
 void store_unscaled_grads(at::TensorList grads, const std::optional<at::Tensor>& grad_scale,
                           const std::optional<at::Tensor>& found_inf);
+
+// What the update kernels divide the gradient by: grad_scale / clip_coef, computed on the device
+// (no host sync), or grad_scale alone without a clip factor; empty when neither is given. The
+// grads written back by store_unscaled_grads use grad_scale only ([Note: unscaled grads]).
+std::optional<at::Tensor> gradient_divisor(const std::optional<at::Tensor>& grad_scale,
+                                           const std::optional<at::Tensor>& clip_coef);
 
 }  // namespace dldna_fused::cuda

@@ -27,7 +27,8 @@ void expect(bool ok, const std::string& what) {
 
 using AdamOp = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
                     at::TensorList, double, double, double, double, double, bool, bool, bool,
-                    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&);
+                    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                    const std::optional<at::Tensor>&);
 
 c10::TypedOperatorHandle<AdamOp> adam_op() {
   return c10::Dispatcher::singleton().findSchemaOrThrow("dldna_fused::fused_adam_", "").typed<AdamOp>();
@@ -79,7 +80,8 @@ void test_adam_against_float64(const Case& c) {
       p64.push_back(theta - (lr / bc1) * m64[i] / (second.sqrt() / std::sqrt(bc2) + eps));
     }
     adam_op().call(p, g, m, v, c.amsgrad ? at::TensorList(vmax) : at::TensorList(), steps, lr, beta1,
-                   beta2, wd, eps, c.amsgrad, c.maximize, c.decoupled, std::nullopt, std::nullopt);
+                   beta2, wd, eps, c.amsgrad, c.maximize, c.decoupled, std::nullopt, std::nullopt,
+                   std::nullopt);
     for (size_t i = 0; i < sizes.size(); ++i) {
       const std::string where = " (size " + std::to_string(sizes[i]) + ", step " + std::to_string(t) + ")";
       expect(steps[i].item<float>() == static_cast<float>(t), "step counter" + where);
@@ -107,7 +109,7 @@ void test_kernel_builds_agree() {
     auto p = at::randn({n}), g = at::randn({n}), m = at::randn({n}), v = at::rand({n});
     const auto c = dldna_fused::adam_coefficients(1e-2, 0.9, 0.999, 0.0, 1e-8, 1.0, 1.f, false, false, true);
     dldna_fused::cpu::AdamTensorArgs args{p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), nullptr, c};
-    dldna_fused::cpu::AdamLaunch launch{dldna_fused::cpu::Dtype::Float, dldna_fused::cpu::Dtype::Float, &args};
+    dldna_fused::cpu::AdamLaunch launch{dldna_fused::cpu::Dtype::Float, dldna_fused::cpu::Dtype::Float, &args, 0.f};
     dldna_fused::cpu::Chunk chunk{0, 0, n};
     table->adam(launch, &chunk, 1);
     results.push_back(p);
@@ -127,7 +129,7 @@ void test_kernel_builds_agree() {
     dldna_fused::cpu::LionTensorArgs largs{p.data_ptr(), g.data_ptr(), m.data_ptr()};
     const dldna_fused::cpu::LionLaunch llaunch{
         dldna_fused::cpu::Dtype::Float, dldna_fused::cpu::Dtype::Float,
-        dldna_fused::lion_coefficients(1e-2, 0.9, 0.99, 0.1, 1.f, false), &largs};
+        dldna_fused::lion_coefficients(1e-2, 0.9, 0.99, 0.1, 1.f, false), &largs, 0.f};
     dldna_fused::cpu::Chunk chunk{0, 0, n};
     table->lion(llaunch, &chunk, 1);
     lion.push_back(p);
@@ -137,7 +139,7 @@ void test_kernel_builds_agree() {
     std::atomic<int64_t> count{0};
     const dldna_fused::cpu::SophiaLaunch slaunch{
         dldna_fused::cpu::Dtype::Float, dldna_fused::cpu::Dtype::Float,
-        dldna_fused::sophia_coefficients(1e-2, 0.965, 0.5, 2.0, 0.1, 1.f, false), &sargs, &count};
+        dldna_fused::sophia_coefficients(1e-2, 0.965, 0.5, 2.0, 0.1, 1.f, false), &sargs, &count, 0.f};
     table->sophia(slaunch, &chunk, 1);
     sophia.push_back(q);
     unclipped.push_back(count.load());
@@ -178,7 +180,7 @@ void test_adafactor_kernel_builds_agree() {
     const cpu::Chunk units[2] = {{0, 0, rows * cols}, {1, 0, n}};
     const int64_t col_offsets[2] = {0, -1};
     const cpu::AdafactorLaunch launch{cpu::Dtype::Float, 1e-30f, 0.5f, args, units, col_offsets,
-                                      col_partials.data_ptr<float>(), p2.data(), u2.data()};
+                                      col_partials.data_ptr<float>(), p2.data(), u2.data(), 0.f};
     table->adafactor_reduce(launch, units, 2);
     row_mean.fill_(row.mean());
     col_rsqrt.copy_(col_partials.rsqrt());
@@ -203,17 +205,51 @@ void expect_error(const std::function<void()>& call, const std::string& needle) 
   }
 }
 
+// The norm kernels of both builds: partial sums of squares and |x| against float64, and the inf
+// norm letting a NaN through; the scale kernel against a plain multiply.
+void test_grad_norm_and_scale_kernels() {
+  namespace cpu = dldna_fused::cpu;
+  const int64_t n = 5037;  // a flush boundary (4096) and a scalar tail
+  for (const auto* table : {&cpu::kernels_default(), cpu::kernels_avx2()}) {
+    if (table == nullptr) {
+      continue;
+    }
+    at::manual_seed(3);
+    auto x = at::randn({n});
+    const void* pointers[1] = {x.data_ptr()};
+    const cpu::Chunk chunk{0, 0, n};
+    double partial = 0.0;
+    const cpu::GradNormLaunch l2{cpu::Dtype::Float, cpu::NormKind::L2, pointers, &chunk, &partial};
+    table->grad_norm(l2, &chunk, 1);
+    const double exact = x.to(at::kDouble).square().sum().item<double>();
+    expect(std::abs(partial - exact) / exact < 1e-6, "grad_norm L2 partial matches float64");
+    const cpu::GradNormLaunch l1{cpu::Dtype::Float, cpu::NormKind::L1, pointers, &chunk, &partial};
+    table->grad_norm(l1, &chunk, 1);
+    expect(std::abs(partial - x.to(at::kDouble).abs().sum().item<double>()) < 1e-3, "grad_norm L1 partial");
+    x.index_put_({4099}, std::nan(""));
+    const cpu::GradNormLaunch inf{cpu::Dtype::Float, cpu::NormKind::Inf, pointers, &chunk, &partial};
+    table->grad_norm(inf, &chunk, 1);
+    expect(std::isnan(partial), "grad_norm inf lets a NaN through");
+
+    auto y = at::randn({n});
+    const auto expected = y * 0.25f;
+    void* targets[1] = {y.data_ptr()};
+    table->scale({cpu::Dtype::Float, 0.25f, targets}, &chunk, 1);
+    expect(at::equal(y, expected), "scale kernel multiplies every element");
+  }
+}
+
 void test_argument_checks() {
   auto p = at::zeros({4}), g = at::zeros({4}), m = at::zeros({4}), v = at::zeros({4});
   auto step = at::zeros({});
   std::vector<at::Tensor> ps{p}, gs{g}, ms{m}, vs{v}, steps{step}, none{};
-  expect_error([&] { adam_op().call(ps, none, ms, vs, none, steps, 1e-3, 0.9, 0.999, 0., 1e-8, false, false, false, std::nullopt, std::nullopt); }, "grads");
-  expect_error([&] { adam_op().call(ps, gs, ms, vs, none, steps, -1., 0.9, 0.999, 0., 1e-8, false, false, false, std::nullopt, std::nullopt); }, "lr");
-  expect_error([&] { adam_op().call(ps, gs, ms, vs, none, steps, 1e-3, 1.0, 0.999, 0., 1e-8, false, false, false, std::nullopt, std::nullopt); }, "beta1");
+  expect_error([&] { adam_op().call(ps, none, ms, vs, none, steps, 1e-3, 0.9, 0.999, 0., 1e-8, false, false, false, std::nullopt, std::nullopt, std::nullopt); }, "grads");
+  expect_error([&] { adam_op().call(ps, gs, ms, vs, none, steps, -1., 0.9, 0.999, 0., 1e-8, false, false, false, std::nullopt, std::nullopt, std::nullopt); }, "lr");
+  expect_error([&] { adam_op().call(ps, gs, ms, vs, none, steps, 1e-3, 1.0, 0.999, 0., 1e-8, false, false, false, std::nullopt, std::nullopt, std::nullopt); }, "beta1");
   std::vector<at::Tensor> bad_g{at::zeros({5})};
-  expect_error([&] { adam_op().call(ps, bad_g, ms, vs, none, steps, 1e-3, 0.9, 0.999, 0., 1e-8, false, false, false, std::nullopt, std::nullopt); }, "grads[0] has shape");
+  expect_error([&] { adam_op().call(ps, bad_g, ms, vs, none, steps, 1e-3, 0.9, 0.999, 0., 1e-8, false, false, false, std::nullopt, std::nullopt, std::nullopt); }, "grads[0] has shape");
   std::vector<at::Tensor> p64{at::zeros({4}, at::kDouble)}, g64{at::zeros({4}, at::kDouble)};
-  expect_error([&] { adam_op().call(p64, g64, ms, vs, none, steps, 1e-3, 0.9, 0.999, 0., 1e-8, false, false, false, std::nullopt, std::nullopt); }, "float32, bfloat16 or float16");
+  expect_error([&] { adam_op().call(p64, g64, ms, vs, none, steps, 1e-3, 0.9, 0.999, 0., 1e-8, false, false, false, std::nullopt, std::nullopt, std::nullopt); }, "float32, bfloat16 or float16");
   expect(step.item<float>() == 0.f && p.abs().sum().item<float>() == 0.f, "rejected calls change nothing");
 }
 
@@ -233,7 +269,8 @@ int main() {
   }
   test_kernel_builds_agree();
   test_adafactor_kernel_builds_agree();
+  test_grad_norm_and_scale_kernels();
   test_argument_checks();
-  std::printf("%d Adam cases, kernel builds (Adam, Lion, Sophia, AdaFactor), argument checks: %s\n", cases, failures == 0 ? "ok" : "FAILED");
+  std::printf("%d Adam cases, kernel builds (Adam, Lion, Sophia, AdaFactor, norm, scale), argument checks: %s\n", cases, failures == 0 ? "ok" : "FAILED");
   return failures == 0 ? 0 : 1;
 }
