@@ -54,6 +54,7 @@ sweep: build
 
 bench: build
 	$(VENV)/bin/dldna-fused bench --optimizer adamw,lion,sophia,adafactor
+	$(VENV)/bin/dldna-fused bench --optimizer adamw --clip
 
 demo: bench
 

@@ -23,10 +23,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+import dldna_fused
 from dldna_fused import optim, reference
-from dldna_fused.bench_baselines import ForeachLion, ForeachSophia
+from dldna_fused.bench_baselines import ClipThenStep, ForeachLion, ForeachSophia
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CLIP_MAX_NORM = 1.0
 
 
 @dataclass
@@ -116,6 +118,30 @@ def benchmarks() -> dict:
                 "AdamW (ours)": lambda ps: optim.AdamW(ps, lr=1e-3),
             },
             ("torch foreach", "torch for-loop")),
+        # --clip: the global-norm clip that precedes most steps, with max_norm 1 (the N(0, 1)
+        # grads' norm is in the thousands, so the first call clips; later calls keep scaling by
+        # factors <= 1, and every implementation multiplies each time). The step table reads g
+        # twice (norm, update) at best: 8 elements moved; the clip alone reads g, then reads and
+        # writes it: 3.
+        "adamw-clip": Benchmark(
+            "AdamW step with gradient clipping (max_norm 1.0)", "1x20000000,2000x2000", 8,
+            {
+                "dldna folded": lambda ps: optim.AdamW(ps, lr=1e-3, max_grad_norm=CLIP_MAX_NORM),
+                "dldna clip+step": lambda ps: ClipThenStep(ps, dldna_fused.clip_grad_norm_, CLIP_MAX_NORM,
+                                                           optim.AdamW(ps, lr=1e-3)),
+                "torch clip+fused": lambda ps: ClipThenStep(ps, torch.nn.utils.clip_grad_norm_, CLIP_MAX_NORM,
+                                                            torch.optim.AdamW(ps, lr=1e-3, fused=True)),
+            },
+            (), baseline="torch clip+fused"),
+        "clip": Benchmark(
+            "clip_grad_norm_ alone (max_norm 1.0)", "1x20000000,2000x2000", 3,
+            {
+                "dldna_fused": lambda ps: ClipThenStep(ps, dldna_fused.clip_grad_norm_, CLIP_MAX_NORM),
+                "torch": lambda ps: ClipThenStep(ps, torch.nn.utils.clip_grad_norm_, CLIP_MAX_NORM),
+                "torch foreach": lambda ps: ClipThenStep(
+                    ps, lambda p, m: torch.nn.utils.clip_grad_norm_(p, m, foreach=True), CLIP_MAX_NORM),
+            },
+            (), baseline="torch"),
     }
 
 
@@ -263,6 +289,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shapes", type=parse_shapes, default=None,
                         help="COUNTxNUMEL or COUNTxROWSxCOLS tensors per case, comma-separated (default per optimizer: "
                              + "; ".join(f"{k} {b.default_shapes}" for k, b in benchmarks().items()) + ")")
+    parser.add_argument("--clip", action="store_true",
+                        help="time each optimizer's step with gradient clipping (e.g. adamw -> adamw-clip: "
+                             "torch clip_grad_norm_ + fused step, ours, and ours folded into the step) and "
+                             "clip_grad_norm_ alone")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=3)
@@ -277,6 +307,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     known = benchmarks()
+    if args.clip:
+        missing = [name for name in args.optimizer if f"{name}-clip" not in known]
+        if missing:
+            raise SystemExit(f"--clip: no clipping benchmark for {', '.join(missing)} (have: "
+                             + ", ".join(n[:-5] for n in known if n.endswith("-clip")) + ")")
+        args.optimizer = [f"{name}-clip" for name in args.optimizer] + ["clip"]
     for name in args.optimizer:
         if name not in known:
             raise SystemExit(f"--optimizer: unknown '{name}' (have: {', '.join(known)})")

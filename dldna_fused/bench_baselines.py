@@ -66,3 +66,23 @@ class ForeachSophia(Optimizer):
             torch._foreach_clamp_max_(ratio, 1.0)
             torch._foreach_mul_(ratio, torch._foreach_sign(exp_avgs))
             torch._foreach_add_(params, ratio, alpha=-lr)
+
+
+class ClipThenStep:
+    """``clip(params, max_norm)`` and then ``optimizer.step()``: a training loop's clip-and-step pair,
+    timed as one step by ``dldna-fused bench --clip``. Without an optimizer, the clip alone."""
+
+    def __init__(self, params, clip, max_norm: float, optimizer: Optimizer | None = None):
+        self.params = list(params)
+        self.clip = clip
+        self.max_norm = max_norm
+        self.optimizer = optimizer
+
+    @property
+    def state(self) -> dict:
+        return self.optimizer.state if self.optimizer is not None else {}
+
+    def step(self) -> None:
+        self.clip(self.params, self.max_norm)
+        if self.optimizer is not None:
+            self.optimizer.step()

@@ -29,11 +29,10 @@ class _Op:
         self.eager = _C.EagerOp(f"dldna_fused::{name}", "" if overload == "default" else overload,
                                 self.overload)
 
-    def __call__(self, *args, **kwargs) -> None:
+    def __call__(self, *args, **kwargs):
         if torch.compiler.is_compiling():
-            self.overload(*args, **kwargs)
-        else:
-            self.eager(*args, **kwargs)
+            return self.overload(*args, **kwargs)
+        return self.eager(*args, **kwargs)
 
 
 _adam = _Op("fused_adam_")
@@ -42,6 +41,8 @@ _lion = _Op("fused_lion_")
 _sophia = _Op("fused_sophia_")
 _sophia_hessian = _Op("fused_sophia_hessian_")
 _adafactor = _Op("fused_adafactor_")
+_grad_norm = _Op("fused_grad_norm")
+_scale = _Op("fused_scale_")
 
 
 def freeze(tensors: Sequence[torch.Tensor]):
@@ -93,6 +94,7 @@ def fused_adam_(
     decoupled_weight_decay: bool,
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
+    clip_coef: torch.Tensor | None = None,
 ) -> None:
     """One Adam (``decoupled_weight_decay=False``) or AdamW step over lists of tensors, in place.
 
@@ -100,14 +102,17 @@ def fused_adam_(
     params share one dtype (float32, bfloat16 or float16) and device; states have the params' dtype
     or float32; ``state_steps`` are float32 one-element tensors on the params' device and are
     incremented by the op. ``grad_scale``/``found_inf`` are GradScaler's: grads are divided by
-    ``grad_scale``, and a nonzero ``found_inf`` leaves everything untouched.
+    ``grad_scale`` (and left so in ``grads`` afterwards, as torch's fused optimizers leave them),
+    and a nonzero ``found_inf`` leaves everything untouched. ``clip_coef`` (float32, one element)
+    multiplies the gradient the update sees and is never written into ``grads`` (a folded
+    ``clip_grad_norm_``).
     """
     overload = _adam_tensor_lr if isinstance(lr, torch.Tensor) else _adam
     overload(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
         lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=amsgrad,
         maximize=maximize, decoupled_weight_decay=decoupled_weight_decay,
-        grad_scale=grad_scale, found_inf=found_inf,
+        grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef,
     )
 
 
@@ -124,12 +129,14 @@ def fused_lion_(
     maximize: bool,
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
+    clip_coef: torch.Tensor | None = None,
 ) -> None:
     """One Lion step over lists of tensors, in place: ``p *= 1 - lr*wd``,
     ``p -= lr * sign(beta1*m + (1-beta1)*g)``, ``m = beta2*m + (1-beta2)*g``. Lists, dtypes,
-    ``state_steps`` (incremented) and GradScaler tensors as in :func:`fused_adam_`."""
+    ``state_steps`` (incremented), GradScaler tensors and ``clip_coef`` as in :func:`fused_adam_`."""
     _lion(params, grads, exp_avgs, state_steps, lr=lr, beta1=beta1, beta2=beta2,
-          weight_decay=weight_decay, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf)
+          weight_decay=weight_decay, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf,
+          clip_coef=clip_coef)
 
 
 def fused_sophia_(
@@ -148,6 +155,7 @@ def fused_sophia_(
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
     unclipped: torch.Tensor | None = None,
+    clip_coef: torch.Tensor | None = None,
 ) -> None:
     """One SophiaG step over lists of tensors, in place: ``p *= 1 - lr*wd``,
     ``m = beta1*m + (1-beta1)*g``, ``p -= lr * sign(m) * min(|m| / (rho*bs*h + 1e-15), 1)``.
@@ -155,7 +163,7 @@ def fused_sophia_(
     number of coordinates whose ratio was below 1. Otherwise as :func:`fused_adam_`."""
     _sophia(params, grads, exp_avgs, hessians, state_steps, lr=lr, beta1=beta1, rho=rho, bs=bs,
             weight_decay=weight_decay, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf,
-            unclipped=unclipped)
+            unclipped=unclipped, clip_coef=clip_coef)
 
 
 def fused_sophia_hessian_(
@@ -197,6 +205,7 @@ def fused_adafactor_(
     warmup_init: bool,
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
+    clip_coef: torch.Tensor | None = None,
 ) -> None:
     """One AdaFactor step (transformers/fairseq semantics) over lists of tensors, in place.
 
@@ -211,7 +220,23 @@ def fused_adafactor_(
                lr=lr, eps1=eps1, eps2=eps2, clip_threshold=clip_threshold, decay_rate=decay_rate,
                beta1=beta1, weight_decay=weight_decay, scale_parameter=scale_parameter,
                relative_step=relative_step, warmup_init=warmup_init, grad_scale=grad_scale,
-               found_inf=found_inf)
+               found_inf=found_inf, clip_coef=clip_coef)
+
+
+def fused_grad_norm(tensors: Sequence[torch.Tensor], norm_type: float = 2.0,
+                    grad_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The ``norm_type`` norm (1, 2 or inf) of all ``tensors`` together, as if they were one
+    vector: a 0-dim float32 tensor on their device, divided by ``grad_scale`` when given.
+    ``tensors`` share one dtype (float32, bfloat16, float16) and device and are not empty.
+    Accumulated in fp32 lanes and double partials, in a fixed order: the same bits for any
+    thread count. On CUDA nothing is read back to the host."""
+    return _grad_norm(tensors, norm_type, grad_scale=grad_scale)
+
+
+def fused_scale_(tensors: Sequence[torch.Tensor], factor: torch.Tensor) -> None:
+    """``tensors *= factor`` in place, in one multi-tensor pass: ``factor`` a float32 tensor of
+    one element on their device (read there on CUDA); tensors of one dtype and device."""
+    _scale(tensors, factor)
 
 
 def _check_lists_fake(params, grads, *states):
@@ -253,3 +278,14 @@ def _fused_adafactor_fake(params, grads, exp_avg_sq_rows, exp_avg_sq_cols, exp_a
     _check_lists_fake(params, grads, exp_avgs, exp_avg_sqs, rms, state_steps)
     torch._check(len(exp_avg_sq_rows) == len(exp_avg_sq_cols),
                  lambda: "exp_avg_sq_rows and exp_avg_sq_cols must have the same length")
+
+
+@torch.library.register_fake("dldna_fused::fused_grad_norm")
+def _fused_grad_norm_fake(tensors, norm_type, grad_scale=None):
+    torch._check(len(tensors) > 0, lambda: "tensors must not be empty")
+    return tensors[0].new_empty((), dtype=torch.float32)
+
+
+@torch.library.register_fake("dldna_fused::fused_scale_")
+def _fused_scale_fake(tensors, factor):
+    torch._check(factor.numel() == 1, lambda: "factor must have one element")

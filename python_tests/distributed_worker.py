@@ -12,9 +12,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+import dldna_fused
 from dldna_fused import optim
 
 STEPS = 4
+CLIP = 0.05  # below the gradients' norm, so every step clips
 GLOBAL_BATCH = 16
 OPTIMIZERS = {
     "adam": (optim.Adam, dict(lr=1e-2)),
@@ -185,6 +187,42 @@ def run_unused(rank, world):
     return {"steps": [opt.state[p]["step"].item() for p in model.module.parameters()]}
 
 
+def train_clipped(model, opt, data, clip=None):
+    """STEPS steps with the gradient norm clipped to CLIP: by ``clip(params, CLIP)`` before the step,
+    or (clip None) by the optimizer's max_grad_norm. Returns the norms each step saw."""
+    norms = []
+    for x, y in data:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        if clip is not None:
+            norms.append(full(clip(model.parameters(), CLIP)).detach().clone())
+        opt.step()
+        if clip is None:
+            norms.append(full(opt.last_grad_norm).detach().clone())
+    return norms
+
+
+def single_process_clipped():
+    model = make_model()
+    norms = train_clipped(model, optim.AdamW(model.parameters(), lr=1e-2), batches(), torch.nn.utils.clip_grad_norm_)
+    return model, norms
+
+
+def run_clipping(mode, folded, rank, world):
+    """AdamW with the gradient norm clipped under DDP or FSDP2: folded (max_grad_norm) or through
+    dldna_fused.clip_grad_norm_ (on FSDP2's DTensor grads, the norm over both ranks)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = DDP(make_model()) if mode == "ddp" else shard(make_model(), world)
+    data = local_half(batches(), rank, world)
+    if folded:
+        norms = train_clipped(model, optim.AdamW(model.parameters(), lr=1e-2, max_grad_norm=CLIP), data)
+    else:
+        norms = train_clipped(model, optim.AdamW(model.parameters(), lr=1e-2), data, dldna_fused.clip_grad_norm_)
+    module = model.module if mode == "ddp" else model
+    return {"params": [full(p.detach()) for p in module.parameters()], "norms": norms}
+
+
 def worker(rank: int, world: int, folder: str):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
@@ -198,6 +236,9 @@ def worker(rank: int, world: int, folder: str):
         for name in ("adamw", "adafactor"):
             results[("checkpoint", name)] = run_fsdp_checkpoint(name, rank, world, Path(folder))
         results[("unused", "adamw")] = run_unused(rank, world)
+        for mode in ("ddp", "fsdp"):
+            for folded in (False, True):
+                results[("clip", mode, folded)] = run_clipping(mode, folded, rank, world)
         torch.save(results, Path(folder) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()

@@ -5,13 +5,16 @@ import argparse
 import csv
 import json
 
+import pytest
+
 from dldna_fused import bench
 
 
 def test_bench_runs_every_optimizer_and_picks_its_baseline(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
-    args = parser.parse_args(["--optimizer", "adamw,lion,sophia,adafactor", "--shapes", "3x20x25,1x0", "--warmup", "1",
+    args = parser.parse_args(["--optimizer", "adamw,lion,sophia,adafactor,adamw-clip,clip", "--shapes", "3x20x25,1x0",
+                              "--warmup", "1",
                               "--repeats", "3", "--device", "cpu", "--no-progress",
                               "--json", str(tmp_path / "rows.json"), "--csv", str(tmp_path / "rows.csv")])
     assert bench.main(args) == 0
@@ -35,3 +38,16 @@ def test_bench_runs_every_optimizer_and_picks_its_baseline(tmp_path, capsys):
     empty = {r["implementation"]: r for r in rows if r["optimizer"] == "adafactor" and r["shape"] == "1 x 0"}
     assert empty["dldna_fused"]["error"] is None
     assert all(r["error"] is None or r["repeats"] == 0 for r in empty.values())
+
+
+def test_clip_flag_times_the_clipping_tables(capsys):
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--optimizer", "adamw", "--clip", "--shapes", "4x300", "--warmup", "1", "--repeats", "3",
+                              "--device", "cpu", "--no-progress"])
+    assert bench.main(args) == 0
+    out = capsys.readouterr().out
+    assert "AdamW step with gradient clipping" in out and "clip_grad_norm_ alone" in out
+    assert "dldna folded" in out and "torch clip+fused" in out
+    with pytest.raises(SystemExit, match="no clipping benchmark for lion"):
+        bench.main(parser.parse_args(["--optimizer", "lion", "--clip"]))

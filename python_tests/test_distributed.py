@@ -76,6 +76,21 @@ def test_a_rank_without_a_gradient_keeps_the_same_step_count(ranks):
     assert steps[0] == steps[1] == [3.0] * 4
 
 
+@pytest.mark.parametrize("folded", [False, True], ids=["clip_grad_norm_", "max_grad_norm"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_clipping_uses_the_global_norm_across_ranks(ranks, mode, folded):
+    """The norm each rank clips by is the single process's norm of the global batch's grads, and
+    the params end the same."""
+    model, norms = worker.single_process_clipped()
+    assert all(n.item() > worker.CLIP for n in norms)  # every step clipped
+    for rank, results in enumerate(ranks):
+        got = results[("clip", mode, folded)]
+        for step, (a, b) in enumerate(zip(got["norms"], norms)):
+            assert relative(a, b) < 1e-5, f"rank {rank} step {step}: {a.item()} vs {b.item()}"
+        for i, (p, q) in enumerate(zip(got["params"], model.parameters())):
+            assert relative(p, q.detach()) < 1e-6, f"rank {rank} param {i}"
+
+
 def test_train_ddp_example_runs_under_torchrun(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     result = subprocess.run(

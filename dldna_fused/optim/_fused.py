@@ -12,6 +12,7 @@ import torch
 from torch.optim import Optimizer
 
 from dldna_fused import _C, ops
+from dldna_fused.clip import clip_coefficient, get_total_norm
 from dldna_fused._checks import (check_betas, check_hyperparameter, check_lr,  # noqa: F401 (re-exported)
                                  check_weight_decay, scalar)
 
@@ -140,8 +141,11 @@ class FusedOptimizer(Optimizer):
     _step_supports_amp_scaling = True
     _op_name = "dldna_fused::fused_adam_"
     _state_keys: tuple[str, ...] = ()
+    # The global gradient norm of the last step that clipped (max_grad_norm), a 0-dim tensor.
+    last_grad_norm: torch.Tensor | None = None
 
-    def __init__(self, params, defaults: dict, *, foreach, differentiable, fused, state_dtype):
+    def __init__(self, params, defaults: dict, *, foreach, differentiable, fused, state_dtype,
+                 max_grad_norm: float | None = None):
         if foreach:
             raise ValueError("foreach=True is not supported: dldna_fused optimizers are always fused (pass foreach=None)")
         if differentiable:
@@ -153,7 +157,9 @@ class FusedOptimizer(Optimizer):
                 raise ValueError(f"state_dtype must be None (the param's dtype) or torch.float32, got {state_dtype}")
             # Only when asked for, so the default param_groups match torch.optim's key for key.
             defaults["state_dtype"] = state_dtype
-        self._check_options(defaults)
+        if max_grad_norm is not None:
+            defaults["max_grad_norm"] = max_grad_norm  # likewise
+        self._check_group(defaults)
         super().__init__(params, defaults)
 
     def _check_options(self, options: dict) -> None:
@@ -161,8 +167,11 @@ class FusedOptimizer(Optimizer):
 
     def _check_group(self, group: dict) -> None:
         """The checks of a group's options before a step or after a load (``_check_options``
-        unless a subclass relaxes rules that only the constructor enforces)."""
+        unless a subclass relaxes rules that only the constructor enforces), and of the options
+        every optimizer shares."""
         self._check_options(group)
+        if group.get("max_grad_norm") is not None:
+            check_hyperparameter("max_grad_norm", group["max_grad_norm"], 0.0, low_open=True)
 
     def add_param_group(self, param_group: dict) -> None:
         """As torch.optim's, and all or nothing: a group whose params or options are invalid
@@ -172,6 +181,7 @@ class FusedOptimizer(Optimizer):
         try:
             group = self.param_groups[-1]
             self._check_options(group)
+            self._check_group(group)
             for p in group["params"]:
                 self._check_param(p)
         except BaseException:
@@ -397,11 +407,13 @@ class FusedOptimizer(Optimizer):
         return [(key, None if index == everything else index, list(zip(lists, (None, *keys, "step"))))
                 for key, (index, lists) in sorted(buckets.items(), key=lambda item: item[0][2])]
 
-    def _collect_calls(self, build, options) -> list:
-        """[(group, key, grads, lists)]: one entry per op call of this step, for every group, built
-        and checked before any tensor changes, so that an error leaves every param, state and
-        grad as it was (states created on the way are removed again). ``build(group)`` makes the
-        lists (see _group_lists); ``options(group)`` are the group options it reads."""
+    def _collect_calls(self, build, options, *, clip: bool = False) -> list:
+        """[(group, key, grads, lists, clip_coef)]: one entry per op call of this step, for every
+        group, built and checked before any tensor changes, so that an error leaves every param,
+        state and grad as it was (states created on the way are removed again). ``build(group)``
+        makes the lists (see _group_lists); ``options(group)`` are the group options it reads.
+        With ``clip``, groups with a ``max_grad_norm`` get their clip factor (else None); see
+        [Note: folded clipping]."""
         name = type(self).__name__
         gathered = []
         for index, group in enumerate(self.param_groups):
@@ -434,13 +446,38 @@ class FusedOptimizer(Optimizer):
             self.__dict__["_new_states"] = None
         if not compiling and "_state_snapshot" not in self.__dict__:
             self.__dict__["_state_snapshot"] = (self.state, _C.dict_items(self.state))
+        factors = self._clip_factors(gathered) if clip else {}
+        self.__dict__["_step_clip_factors"] = factors  # for work outside the op calls (sharded AdaFactor)
         calls = []
         for (group, grads, _), entry in zip(gathered, entries):
             if entry.sharded or compiling:
                 grads = to_local(grads)
+            factor = factors.get(id(group))
             for key, index, lists in entry.calls:
-                calls.append((group, key, grads if index is None else [grads[i] for i in index], lists))
+                coefficient = None if factor is None else factor.to(key[0], non_blocking=True)
+                calls.append((group, key, grads if index is None else [grads[i] for i in index], lists, coefficient))
         return calls
+
+    # [Note: folded clipping]
+    # max_grad_norm=c makes a step do what torch.nn.utils.clip_grad_norm_(params, c) followed by the
+    # step would, with one pass over the grads instead of three: the global 2-norm of the grads of
+    # every group that has a max_grad_norm (fused_grad_norm, one pass; of the unscaled grads under
+    # GradScaler, whose found_inf still skips the whole step), then min(1, c / (norm + 1e-6)) goes
+    # into each op call as clip_coef, which the kernels multiply into the gradient they read. The
+    # grads themselves are not rewritten (GradScaler's unscaling aside). The norm is torch's
+    # (get_total_norm: same dtype rules, DTensor grads reduced over their mesh) and is kept as
+    # last_grad_norm, a tensor, so logging it costs no sync until read.
+    def _clip_factors(self, gathered: list) -> dict:
+        """{id(group): clip factor (float32 0-dim tensor)} for the groups with a max_grad_norm."""
+        clipping = [(group, grads) for group, grads, _ in gathered if group.get("max_grad_norm") is not None]
+        if not clipping:
+            return {}
+        grads = [g for _, group_grads in clipping for g in group_grads if g is not None]
+        if len(set(map(id, grads))) != len(grads):  # a param listed twice counts once, as in torch
+            grads = list({id(g): g for g in grads}.values())
+        norm = get_total_norm(grads, 2.0, grad_scale=getattr(self, "grad_scale", None))
+        self.last_grad_norm = norm
+        return {id(group): clip_coefficient(norm, group["max_grad_norm"]).float() for group, _ in clipping}
 
     def _pack_state(self) -> None:
         """Re-packs loaded states as in [Note: flat state], with their values."""

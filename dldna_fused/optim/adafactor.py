@@ -89,6 +89,8 @@ class Adafactor(FusedOptimizer):
         scale_parameter: multiply the step size by RMS(θ) (default True).
         relative_step: time-dependent step size :math:`\rho_t` (default True).
         warmup_init: linear warm-up of :math:`\rho_t` (needs ``relative_step``; default False).
+        max_grad_norm: clip the global 2-norm of the gradients inside the step (see
+            :class:`dldna_fused.optim.Adam`).
 
     State per parameter: ``step`` (float32 0-dim tensor), ``exp_avg_sq_row`` and
     ``exp_avg_sq_col`` (factored) or ``exp_avg_sq``, ``exp_avg`` (with ``beta1``), and ``RMS``
@@ -102,11 +104,12 @@ class Adafactor(FusedOptimizer):
     def __init__(self, params, lr: float | None = None, eps: tuple[float, float] = (1e-30, 1e-3),
                  clip_threshold: float = 1.0, decay_rate: float = -0.8, beta1: float | None = None,
                  weight_decay: float = 0.0, scale_parameter: bool = True, relative_step: bool = True,
-                 warmup_init: bool = False):
+                 warmup_init: bool = False, *, max_grad_norm: float | None = None):
         defaults = dict(lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1,
                         weight_decay=weight_decay, scale_parameter=scale_parameter,
                         relative_step=relative_step, warmup_init=warmup_init)
-        super().__init__(params, defaults, foreach=None, differentiable=False, fused=None, state_dtype=None)
+        super().__init__(params, defaults, foreach=None, differentiable=False, fused=None, state_dtype=None,
+                         max_grad_norm=max_grad_norm)
 
     _fp32_states_only = True
 
@@ -198,9 +201,10 @@ class Adafactor(FusedOptimizer):
     def step(self, closure=None):
         """Performs one optimization step (``closure`` re-evaluates the model and returns the loss)."""
         loss = closure_loss(closure)
-        calls = self._collect_calls(self._build_lists, lambda g: (g["beta1"] is not None,))
+        calls = self._collect_calls(self._build_lists, lambda g: (g["beta1"] is not None,), clip=True)
         amp_cache: dict = {}
-        for group, (device, _, _, _), grads, (params, rows, cols, sqs, exp_avgs, rms, steps) in calls:
+        for group, (device, _, _, _), grads, lists, clip_coef in calls:
+            params, rows, cols, sqs, exp_avgs, rms, steps = lists
             grad_scale, found_inf = self._amp_tensors(device, amp_cache)
             eps1, eps2 = group["eps"]
             ops.fused_adafactor_(
@@ -209,12 +213,12 @@ class Adafactor(FusedOptimizer):
                 clip_threshold=group["clip_threshold"], decay_rate=group["decay_rate"], beta1=group["beta1"],
                 weight_decay=group["weight_decay"], scale_parameter=group["scale_parameter"],
                 relative_step=group["relative_step"], warmup_init=group["warmup_init"],
-                grad_scale=grad_scale, found_inf=found_inf)
+                grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef)
         for group in self.param_groups:
             sharded = [p for p in group["params"] if p.grad is not None and _is_dtensor(p)]
             if sharded:
                 self._init_states(group, sharded)
-                self._sharded_step(group, sharded)
+                self._sharded_step(group, sharded, self._step_clip_factors.get(id(group)))
         return loss
 
     # [Note: sharded AdaFactor]
@@ -228,7 +232,7 @@ class Adafactor(FusedOptimizer):
     # rounding; the price is two collectives per step and an unfused step for sharded params.
     # Column statistics of matrices are Replicate DTensors, the rest have the param's placements.
     @torch.no_grad()
-    def _sharded_step(self, group: dict, params: list) -> None:
+    def _sharded_step(self, group: dict, params: list, clip_coef: torch.Tensor | None = None) -> None:
         import torch.distributed as dist
 
         if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
@@ -242,6 +246,8 @@ class Adafactor(FusedOptimizer):
             state["step"] += 1
             t = state["step"].item()
             theta, g = p.to_local().float(), p.grad.to_local().float()
+            if clip_coef is not None:
+                g = g * clip_coef.to(g.device)
             entries.append(dict(p=p, state=state, t=t, theta=theta, g=g, g2=g * g + eps1,
                                 matrix=p.dim() == 2, factored=_factored(p)))
         # Phase 1: local statistics, then one all-reduce of every partial sum.

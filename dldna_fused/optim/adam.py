@@ -46,6 +46,9 @@ class Adam(FusedOptimizer):
         state_dtype: ``None`` keeps states in the params' dtype, as torch.optim does;
             ``torch.float32`` keeps fp32 states for bf16/fp16 params (more accurate, 2x the state
             memory of bf16 states), which torch's fused kernel cannot do.
+        max_grad_norm: clip the global 2-norm of the gradients to this value inside the step, as
+            ``torch.nn.utils.clip_grad_norm_(params, max_grad_norm)`` before it would, in one pass
+            and without rewriting the grads; the norm is kept in :attr:`last_grad_norm`.
     """
 
     _state_keys = _STATE_KEYS
@@ -66,6 +69,7 @@ class Adam(FusedOptimizer):
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
         state_dtype: torch.dtype | None = None,
+        max_grad_norm: float | None = None,
     ):
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
@@ -73,7 +77,7 @@ class Adam(FusedOptimizer):
             differentiable=differentiable, fused=fused, decoupled_weight_decay=decoupled_weight_decay,
         )
         super().__init__(params, defaults, foreach=foreach, differentiable=differentiable, fused=fused,
-                         state_dtype=state_dtype)
+                         state_dtype=state_dtype, max_grad_norm=max_grad_norm)
 
     @staticmethod
     def _check_options(options: dict) -> None:
@@ -109,9 +113,10 @@ class Adam(FusedOptimizer):
     def step(self, closure=None):
         """Performs one optimization step (``closure`` re-evaluates the model and returns the loss)."""
         loss = closure_loss(closure)
-        calls = self._collect_calls(self._build_lists, lambda g: (g["amsgrad"], g.get("state_dtype")))
+        calls = self._collect_calls(self._build_lists, lambda g: (g["amsgrad"], g.get("state_dtype")), clip=True)
         amp_cache: dict = {}
-        for group, (device, _, _), grads, (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps) in calls:
+        for group, (device, _, _), grads, lists, clip_coef in calls:
+            params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = lists
             grad_scale, found_inf = self._amp_tensors(device, amp_cache)
             beta1, beta2 = map(scalar, group["betas"])
             ops.fused_adam_(
@@ -119,7 +124,7 @@ class Adam(FusedOptimizer):
                 lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
                 eps=group["eps"], amsgrad=group["amsgrad"], maximize=group["maximize"],
                 decoupled_weight_decay=group["decoupled_weight_decay"],
-                grad_scale=grad_scale, found_inf=found_inf,
+                grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef,
             )
         return loss
 
@@ -145,11 +150,12 @@ class AdamW(Adam):
         differentiable: bool = False,
         fused: bool | None = None,
         state_dtype: torch.dtype | None = None,
+        max_grad_norm: float | None = None,
     ):
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
             capturable=capturable, differentiable=differentiable, fused=fused,
-            decoupled_weight_decay=True, state_dtype=state_dtype,
+            decoupled_weight_decay=True, state_dtype=state_dtype, max_grad_norm=max_grad_norm,
         )
 
     def __setstate__(self, state):

@@ -36,6 +36,8 @@ class Lion(FusedOptimizer):
         maximize: ascend the objective.
         state_dtype: ``None`` keeps ``exp_avg`` in the params' dtype; ``torch.float32`` keeps it
             in fp32 for bf16/fp16 params.
+        max_grad_norm: clip the global 2-norm of the gradients inside the step (see
+            :class:`dldna_fused.optim.Adam`).
 
     State per parameter: ``step`` (float32 0-dim tensor) and ``exp_avg``.
     """
@@ -44,10 +46,10 @@ class Lion(FusedOptimizer):
 
     def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, maximize: bool = False,
-                 state_dtype: torch.dtype | None = None):
+                 state_dtype: torch.dtype | None = None, max_grad_norm: float | None = None):
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults, foreach=None, differentiable=False, fused=None,
-                         state_dtype=state_dtype)
+                         state_dtype=state_dtype, max_grad_norm=max_grad_norm)
 
     @staticmethod
     def _check_options(options: dict) -> None:
@@ -66,12 +68,12 @@ class Lion(FusedOptimizer):
         """Performs one optimization step (``closure`` re-evaluates the model and returns the loss)."""
         loss = closure_loss(closure)
         calls = self._collect_calls(lambda g: self._build_state_lists(g, self._state_keys),
-                                    lambda g: (g.get("state_dtype"),))
+                                    lambda g: (g.get("state_dtype"),), clip=True)
         amp_cache: dict = {}
-        for group, (device, _, _), grads, (params, exp_avgs, steps) in calls:
+        for group, (device, _, _), grads, (params, exp_avgs, steps), clip_coef in calls:
             grad_scale, found_inf = self._amp_tensors(device, amp_cache)
             beta1, beta2 = map(scalar, group["betas"])
             ops.fused_lion_(params, grads, exp_avgs, steps, lr=scalar(group["lr"]), beta1=beta1,
                             beta2=beta2, weight_decay=group["weight_decay"], maximize=group["maximize"],
-                            grad_scale=grad_scale, found_inf=found_inf)
+                            grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef)
         return loss

@@ -63,6 +63,9 @@ class Sophia(FusedOptimizer):
             overrides it for one step.
         maximize: ascend the objective. seed: seeds the Rademacher draws of the Hutchinson
             estimator. state_dtype: ``torch.float32`` keeps fp32 states for bf16/fp16 params.
+        max_grad_norm: clip the global 2-norm of the gradients inside the step (see
+            :class:`dldna_fused.optim.Adam`); it clips the gradient that enters the momentum
+            :math:`m`, not the Hessian estimates of :meth:`update_hessian`.
 
     State per parameter: ``step``, ``exp_avg`` and ``hessian``.
     """
@@ -72,11 +75,11 @@ class Sophia(FusedOptimizer):
     def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.965, 0.99),
                  rho: float = 0.04, weight_decay: float = 1e-1, *, k: int = 10, estimator: str = "gnb",
                  bs: float = 1, maximize: bool = False, seed: int | None = None,
-                 state_dtype: torch.dtype | None = None):
+                 state_dtype: torch.dtype | None = None, max_grad_norm: float | None = None):
         defaults = dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, k=k,
                         estimator=estimator, bs=bs, maximize=maximize)
         super().__init__(params, defaults, foreach=None, differentiable=False, fused=None,
-                         state_dtype=state_dtype)
+                         state_dtype=state_dtype, max_grad_norm=max_grad_norm)
         self._generator = torch.Generator().manual_seed(seed) if seed is not None else None
         self._steps_since_hessian = 0
         self._pending_found_inf: list = []  # GradScaler's found_inf of steps counted above
@@ -143,17 +146,17 @@ class Sophia(FusedOptimizer):
         if bs is not None and not bs > 0:
             raise ValueError(f"bs must be > 0, got {bs}")
         loss = closure_loss(closure)
-        calls = self._collect_calls(self._lists, lambda g: (g.get("state_dtype"),))
+        calls = self._collect_calls(self._lists, lambda g: (g.get("state_dtype"),), clip=True)
         amp_cache: dict = {}
         unclipped = []
-        for group, (device, _, _), grads, (params, exp_avgs, hessians, steps) in calls:
+        for group, (device, _, _), grads, (params, exp_avgs, hessians, steps), clip_coef in calls:
             grad_scale, found_inf = self._amp_tensors(device, amp_cache)
             count = torch.zeros(1, dtype=torch.int64, device=device)
             ops.fused_sophia_(params, grads, exp_avgs, hessians, steps, lr=scalar(group["lr"]),
                               beta1=scalar(group["betas"][0]), rho=group["rho"],
                               bs=float(bs if bs is not None else group["bs"]),
                               weight_decay=group["weight_decay"], maximize=group["maximize"],
-                              grad_scale=grad_scale, found_inf=found_inf, unclipped=count)
+                              grad_scale=grad_scale, found_inf=found_inf, unclipped=count, clip_coef=clip_coef)
             unclipped.append((count, sum(p.numel() for p in ops.as_list(params))))
         if calls:
             self._unclipped = unclipped
@@ -193,7 +196,7 @@ class Sophia(FusedOptimizer):
         are left untouched. The scaler's scale is not changed by this call.
         """
         calls = self._collect_calls(self._lists, lambda g: (g.get("state_dtype"),))
-        for group, (device, _, _), grads, (params, _, hessians, _) in calls:
+        for group, (device, _, _), grads, (params, _, hessians, _), _ in calls:
             found_inf = None
             if scaler is not None and scaler.is_enabled():
                 found_inf = torch.zeros(1, dtype=torch.float32, device=device)
