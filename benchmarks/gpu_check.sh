@@ -24,5 +24,8 @@ echo "tests exit $?: $(tail -1 "$out/tests.log")" | tee -a "$out/summary.txt"
 
 "$py" -m dldna_fused bench --device cuda --optimizer adamw,lion,sophia,adafactor --no-progress --json "$out/bench.json" > "$out/bench.txt" 2>&1
 echo "bench exit $?" | tee -a "$out/summary.txt"
+# Gradient clipping: the fused norm/scale ops and max_grad_norm folded into the step.
+"$py" -m dldna_fused bench --device cuda --optimizer adamw --clip --no-progress --json "$out/bench_clip.json" >> "$out/bench.txt" 2>&1
+echo "clip bench exit $?" | tee -a "$out/summary.txt"
 cat "$out/bench.txt"
 grep -E "FAILED|Error" "$out/tests.log" | head -20
