@@ -29,6 +29,8 @@ from dldna_fused.bench_baselines import ClipThenStep, ForeachLion, ForeachSophia
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CLIP_MAX_NORM = 1.0
+# A median copy slower than this multiple of the fastest round means the machine is busy.
+BUSY_SPREAD = 2.0
 
 
 @dataclass
@@ -198,11 +200,19 @@ def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
 
 
 def copy_bandwidth(numel: int, dtype: torch.dtype, device: str, warmup: int, repeats: int) -> float:
-    """GB/s of dst.copy_(src) over numel elements, counting bytes read plus bytes written."""
+    """GB/s of dst.copy_(src) over numel elements, counting bytes read plus bytes written (the
+    median round), with a warning on stderr when the rounds spread so far that the machine is
+    evidently busy."""
     src = torch.randn(numel, device=device).to(dtype)
     dst = torch.empty_like(src)
     times = _time(lambda: dst.copy_(src), device, warmup, repeats, budget_s=5.0)
-    return 2 * src.nbytes / statistics.median(times) / 1e9
+    median, best = statistics.median(times), min(times)
+    if median > BUSY_SPREAD * best:
+        print(f"warning: the copy of {numel} elements took {best * 1e3:.2f} ms at best but {median * 1e3:.2f} ms "
+              f"in the median round: the machine is busy ({torch.get_num_threads()} threads here). The ratios stay "
+              "comparable (implementations are timed interleaved); the GB/s do not. On a small shared machine "
+              "run with OMP_NUM_THREADS=1, or when it is idle.", file=sys.stderr)
+    return 2 * src.nbytes / median / 1e9
 
 
 def run(bench: Benchmark, optimizer_name: str, shapes, dtype: torch.dtype, device: str, warmup: int, repeats: int,
@@ -293,16 +303,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="time each optimizer's step with gradient clipping (e.g. adamw -> adamw-clip: "
                              "torch clip_grad_norm_ + fused step, ours, and ours folded into the step) and "
                              "clip_grad_norm_ alone")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="the params' and grads' dtype")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the params live")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each implementation first")
+    parser.add_argument("--repeats", type=int, default=20,
+                        help="timed rounds (one step of each implementation per round); the median is reported")
     parser.add_argument("--implementations", type=lambda s: s.split(","), default=None,
                         help="comma-separated subset of the implementations (default all): "
                              + "; ".join(f"{k}: {', '.join(b.implementations)}" for k, b in benchmarks().items()))
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     parser.add_argument("--csv", metavar="PATH", help="also write the rows as CSV")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
 def main(args: argparse.Namespace) -> int:

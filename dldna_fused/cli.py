@@ -23,7 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dldna-fused", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in SUBCOMMANDS.items():
-        command = sub.add_parser(name, help=help_text, description=module.__doc__)
+        # Every option's default shows in --help.
+        command = sub.add_parser(name, help=help_text, description=module.__doc__,
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         module.add_arguments(command)
         command.set_defaults(run=module.main)
     return parser

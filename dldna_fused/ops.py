@@ -59,11 +59,12 @@ def as_list(tensors) -> list:
 
 def grads_of(params: Sequence[torch.Tensor]) -> tuple[list, bool, bytes]:
     """``[p.grad for p in params]`` (None where a param has no grad), whether any grad is not a
-    dense (strided) tensor, and a bytes object with 1 where a param has a grad: one native pass."""
+    dense (strided) tensor, and which params have a grad (a bytes object with 1 for each; a tuple
+    of bools while compiling, which Dynamo traces without a graph break): one native pass."""
     if torch.compiler.is_compiling():
         grads = [p.grad for p in params]
         return (grads, any(g is not None and g.layout != torch.strided for g in grads),
-                bytes(g is not None for g in grads))
+                tuple(g is not None for g in grads))
     return _C.grads_of(params if isinstance(params, list) else list(params))
 
 

@@ -35,20 +35,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", default=DEFAULT_ROOT, help="folder of the torchvision datasets (default "
                         "$DLDNA_DATA or ./data)")
     parser.add_argument("--download", action="store_true", help="download FashionMNIST/CIFAR100 if missing")
-    parser.add_argument("--model", choices=("mlp", "cnn", "transformer"), default="mlp")
+    parser.add_argument("--model", choices=("mlp", "cnn", "transformer"), default="mlp", help="the model trained")
     parser.add_argument("--optimizers", type=lambda s: s.split(","), default=["sgd", "adam", "lion", "sophia",
                                                                               "adafactor"],
                         help="comma-separated, of: " + ", ".join(OPTIMIZERS))
     parser.add_argument("--set", dest="settings", type=_setting, action="append", default=[],
                         metavar="OPT.ARG=VALUE", help="a hyperparameter, e.g. --set adam.lr=3e-3 (repeatable)")
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=5, help="epochs per optimizer")
+    parser.add_argument("--batch-size", type=int, default=64, help="training batch size")
     parser.add_argument("--train-size", type=int, default=None, help="random training subset of this size")
     parser.add_argument("--test-size", type=int, default=None, help="random test subset of this size")
     parser.add_argument("--seed", type=int, default=0, help="model initialization and shuffling")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to train")
     parser.add_argument("--out", default="results/compare", help="output folder (default results/compare)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def format_table(results: dict) -> str:

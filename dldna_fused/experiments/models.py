@@ -26,14 +26,19 @@ def make_activation(name: str) -> nn.Module:
 class SimpleNetwork(nn.Module):
     """The chapter's MLP: flatten, then ``Linear -> act`` per hidden width, then a linear classifier.
 
-    ``input_shape`` is the number of input features (784 for 28 x 28 images, 64 for digits).
+    ``input_shape`` is the number of input features (784 for 28 x 28 images, 64 for digits). Left
+    out, as in the chapter's ``SimpleNetwork(act_func=nn.PReLU())``, it is taken from the data:
+    784 until then, and :func:`fit_to_data` (which the toolkit's runners and ``train_model`` call
+    on the first batch) resizes the first layer in place, before any step, keeping its Parameter
+    objects, so an optimizer built on ``model.parameters()`` still holds them.
     """
 
-    def __init__(self, act_func: nn.Module | None = None, input_shape: int = 784,
+    def __init__(self, act_func: nn.Module | None = None, input_shape: int | None = None,
                  hidden_shape: list[int] | tuple[int, ...] = (512, 64), num_labels: int = 10):
         super().__init__()
         self.act_func = act_func if act_func is not None else nn.ReLU()
-        self.input_shape = int(input_shape)
+        self.input_from_data = input_shape is None
+        self.input_shape = 784 if input_shape is None else int(input_shape)
         self.hidden_shape = [int(h) for h in hidden_shape]
         self.num_labels = int(num_labels)
         layers: list[nn.Module] = [nn.Flatten()]
@@ -49,9 +54,30 @@ class SimpleNetwork(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
 
+    @torch.no_grad()
+    def fit_input(self, features: int) -> None:
+        """Resizes the first layer to ``features`` inputs, in place and with nn.Linear's default
+        initialization (the weight and bias stay the same Parameter objects)."""
+        first = self.layers[1]
+        if features == first.in_features:
+            return
+        fresh = nn.Linear(features, first.out_features, device=first.weight.device, dtype=first.weight.dtype)
+        first.weight.data = fresh.weight.data
+        first.bias.data = fresh.bias.data
+        first.in_features = features
+        self.input_shape = features
+
     def config(self) -> dict:
         return dict(act_func=activation_name(self.act_func), input_shape=self.input_shape,
                     hidden_shape=self.hidden_shape, num_labels=self.num_labels)
+
+
+def fit_to_data(model: nn.Module, batch: torch.Tensor) -> nn.Module:
+    """Sizes a model whose input size comes from the data (``SimpleNetwork()`` without
+    ``input_shape``) to ``batch``'s features; any other model is returned as it is."""
+    if getattr(model, "input_from_data", False) and batch.dim() >= 2:
+        model.fit_input(batch[0].numel())
+    return model
 
 
 class SmallCNN(nn.Module):

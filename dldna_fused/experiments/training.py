@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from dldna_fused.bench import optimizer_state_bytes
-from dldna_fused.experiments.models import activation_name, build_model
+from dldna_fused.experiments.models import activation_name, build_model, fit_to_data
 
 DEFAULT_SAVE_DIR = "./tmp/models"
 
@@ -146,6 +146,7 @@ def train_model(model: nn.Module, train_loader, test_loader, device, optimizer=N
         model.load_state_dict(checkpoint["state_dict"])
         print(f"Loaded {final} (trained for {checkpoint['epoch']} epochs); pass retrain=True to train again.")
         return checkpoint["metrics"]
+    fit_to_data(model, next(iter(train_loader))[0])  # SimpleNetwork() takes its input size from the data
     optimizer = optimizer if optimizer is not None else optim.Adam(model.parameters(), lr=1e-3)
     metrics = {"epochs": [], "train_losses": [], "train_accuracies": [], "test_losses": [], "test_accuracies": []}
     print(f"Starting training for {name}.")

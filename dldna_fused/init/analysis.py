@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from dldna_fused.experiments.data import reseed
+from dldna_fused.experiments.models import fit_to_data
 from dldna_fused.init.diagnostics import model_diagnostics
 from dldna_fused.init.methods import apply_init
 
@@ -59,14 +60,14 @@ def analyze_initialization(model_class, init_methods: dict, train_loader, test_l
     optimizer_factory = optimizer_factory or (lambda params: optim.Adam(params, lr=1e-3))
     # One untimed step first, so the first method's time does not include one-off start-up costs
     # (thread pools, kernel selection, lazy imports).
-    warm = model_class().to(device)
     x, y = next(iter(train_loader))
+    warm = fit_to_data(model_class(), x).to(device)
     nn.CrossEntropyLoss()(warm(x.to(device)), y.to(device)).backward()
     optimizer_factory(warm.parameters()).step()
     results = {}
     for name, method in tqdm(init_methods.items(), desc="init methods", disable=not progress):
         torch.manual_seed(seed)
-        model = apply_init(method, model_class()).to(device)
+        model = apply_init(method, fit_to_data(model_class(), x)).to(device)
         reseed(train_loader, seed)  # every method sees the same batches
         at_init = model_diagnostics(model)["mean"]
         start = time.perf_counter()

@@ -20,22 +20,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from dldna_fused.experiments.data import DATASETS, DEFAULT_ROOT
 
     parser.add_argument("--dataset", default="digits", help=f"one of {', '.join(DATASETS)} (default digits)")
-    parser.add_argument("--root", default=DEFAULT_ROOT)
-    parser.add_argument("--download", action="store_true")
+    parser.add_argument("--root", default=DEFAULT_ROOT, help="folder of local datasets (FashionMNIST, CIFAR-100)")
+    parser.add_argument("--download", action="store_true", help="let torchvision download a missing dataset")
     parser.add_argument("--methods", type=lambda s: s.split(","), default=list(init_methods),
                         help="comma-separated, of: " + ", ".join(init_methods))
     parser.add_argument("--activation", default="PReLU", help="torch.nn activation of the MLP (default PReLU, "
                         "as in the chapter)")
-    parser.add_argument("--hidden", type=lambda s: [int(v) for v in s.split(",")], default=[512, 64])
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--hidden", type=lambda s: [int(v) for v in s.split(",")], default=[512, 64],
+                        help="hidden widths of the MLP, comma-separated")
+    parser.add_argument("--epochs", type=int, default=3, help="training epochs per method")
+    parser.add_argument("--batch-size", type=int, default=64, help="training batch size")
     parser.add_argument("--lr", type=float, default=1e-3, help="dldna_fused Adam's lr")
     parser.add_argument("--depth", type=int, default=16, help="hidden layers of the variance-propagation MLP")
     parser.add_argument("--width", type=int, default=256, help="width of the variance-propagation MLP")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default="results/init")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch order")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to train")
+    parser.add_argument("--out", default="results/init", help="folder for the table and figures")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -143,6 +143,16 @@ init_methods = {
 }
 
 
+# The chapter's own names (``from ...initialization.base import init_weights_lecun, ...``).
+init_weights_lecun = lecun
+init_weights_xavier_normal = xavier_normal
+init_weights_kaiming_normal = kaiming_normal
+init_weights_orthogonal = orthogonal
+init_weights_scaled_orthogonal = scaled_orthogonal
+init_weights_lmomentum = l_momentum
+init_weights_emergence = emergence_promoting
+
+
 def apply_init(method, model: nn.Module) -> nn.Module:
     """Initializes ``model`` with ``method``: one of ours (it takes the module) or a tensor
     initializer such as ``torch.nn.init.xavier_normal_`` (applied to every Linear/Conv weight,

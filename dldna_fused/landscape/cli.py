@@ -31,23 +31,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--activation", default="ReLU", help="the checkpoints' activation (default ReLU)")
     parser.add_argument("--epochs", type=int, default=10, help="epochs to train, or to read from --checkpoints")
     parser.add_argument("--dataset", default="digits", help=f"one of {', '.join(DATASETS)} (default digits)")
-    parser.add_argument("--root", default=DEFAULT_ROOT)
+    parser.add_argument("--root", default=DEFAULT_ROOT, help="folder of local datasets (FashionMNIST, CIFAR-100)")
     parser.add_argument("--samples", type=int, default=256, help="test samples the losses are computed on")
     parser.add_argument("--grid", type=int, default=41, help="points per axis (odd keeps the centre)")
     parser.add_argument("--eigen-range", type=float, default=0.5, help="lambda range along eigenvectors")
     parser.add_argument("--random-range", type=float, default=1.0, help="lambda range along random directions")
     parser.add_argument("--top-n", type=int, default=4, help="Hessian eigenvectors (pairs make surfaces)")
-    parser.add_argument("--perplexity", type=float, default=3.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default="results/landscape")
+    parser.add_argument("--perplexity", type=float, default=3.0, help="t-SNE perplexity of the weight-space plot")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random directions")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to evaluate")
+    parser.add_argument("--out", default="results/landscape", help="folder for the figures")
     parser.add_argument("--extras", type=lambda s: EXTRAS if s == "all" else s.split(","), default=[],
                         help="comma-separated, of: " + ", ".join(EXTRAS) + "; or all")
     parser.add_argument("--gaussian-range", type=float, default=1.0,
                         help="half-width of the 31 x 31 Hessian surface the Gaussian is fitted to (the chapter's 1)")
     parser.add_argument("--persistence-threshold", type=float, default=None,
-                        help="minima whose persistence exceeds this count (default: 5%% of the surface's range)")
-    parser.add_argument("--no-progress", action="store_true")
+                        help="a loss difference: minima whose persistence (death - birth loss) exceeds it are counted (None: 5%% of the surface's loss range)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _train(args, out: Path) -> Path:

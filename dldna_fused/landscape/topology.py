@@ -36,11 +36,27 @@ def persistence_diagram(z, dims=(0, 1)) -> dict:
     return {d: np.asarray(complex_.persistence_intervals_in_dimension(d), dtype=float).reshape(-1, 2) for d in dims}
 
 
-def bottleneck_distance(d1, d2) -> float:
+def bottleneck_distance(d1, d2, dim: int | None = None):
     """The bottleneck distance between two diagrams (arrays of (birth, death) rows). Points that
     never die are matched among themselves by birth (sorted order is optimal on a line); if the
     two diagrams have different numbers of them the distance is inf. The finite points are matched
-    by gudhi's exact algorithm, each may also go to the diagonal."""
+    by gudhi's exact algorithm, each may also go to the diagonal.
+
+    Given what :func:`persistence_diagram` returns (``{dim: array}``), as in
+    ``bottleneck_distance(persistence_diagram(a), persistence_diagram(b))``: the distance in
+    dimension ``dim`` when given, else ``{dim: distance}`` for every dimension of both."""
+    if isinstance(d1, dict) or isinstance(d2, dict):
+        if not (isinstance(d1, dict) and isinstance(d2, dict)):
+            raise TypeError("bottleneck_distance: give two diagrams, or two {dim: diagram} dicts "
+                            "(what persistence_diagram returns), not one of each")
+        if dim is not None:
+            return bottleneck_distance(d1.get(dim, np.empty((0, 2))), d2.get(dim, np.empty((0, 2))))
+        return {d: bottleneck_distance(d1.get(d, np.empty((0, 2))), d2.get(d, np.empty((0, 2))))
+                for d in sorted(set(d1) | set(d2))}
+    return _bottleneck(d1, d2)
+
+
+def _bottleneck(d1, d2) -> float:
     import gudhi
 
     d1, d2 = (np.asarray(d, dtype=float).reshape(-1, 2) for d in (d1, d2))

@@ -245,7 +245,8 @@ class FusedOptimizer(Optimizer):
             cache[index] = None  # drop the stale lists (and the tensors they hold) before building
             self.__dict__.pop("_state_snapshot", None)
         entries = build(group)
-        self._check_lists(index, group, entries)
+        if not compiling:  # traced steps are checked by the ops' fake kernels; eager ones here
+            self._check_lists(index, group, entries)
         sharded = to_local(group["params"]) is not group["params"]
         if compiling:
             calls = [(key, idx, [to_local(lst) for lst, _ in lists]) for key, idx, lists in entries]

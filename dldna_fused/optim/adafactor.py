@@ -136,6 +136,18 @@ class Adafactor(FusedOptimizer):
     def _state_dtype(self, group: dict, p: torch.Tensor) -> torch.dtype:
         return torch.float32
 
+    @staticmethod
+    def _get_lr(param_group: dict, param_state: dict) -> float:
+        """The step size :math:`\alpha_t` of a param at its last step, as transformers' Adafactor
+        computes it: what ``transformers.optimization.AdafactorSchedule`` reads to report the
+        learning rate of a relative-step run (it calls ``optimizer._get_lr(group, state)``)."""
+        step = float(param_state["step"])
+        rho = param_group["lr"]
+        if param_group["relative_step"]:
+            rho = min(1e-6 * step if param_group["warmup_init"] else 1e-2, 1.0 / math.sqrt(max(step, 1.0)))
+        scale = max(param_group["eps"][1], float(param_state["RMS"])) if param_group["scale_parameter"] else 1.0
+        return scale * scalar(rho)
+
     def _fp32_state_keys(self, group: dict) -> tuple[str, ...]:
         return self._all_state_keys
 

@@ -3,6 +3,8 @@ update of the authors' SophiaG, with the GNB and Hutchinson Hessian-diagonal est
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -165,7 +167,24 @@ class Sophia(FusedOptimizer):
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None:
             self._pending_found_inf.append(found_inf)
+        self._warn_if_hessian_is_never_updated()
         return loss
+
+    # Steps without a Hessian update, in units of k, after which Sophia says so (once).
+    _HESSIAN_WARNING_PERIODS = 10
+
+    def _warn_if_hessian_is_never_updated(self) -> None:
+        """A loop that never calls update_hessian (Hugging Face's Trainer, Lightning's automatic
+        optimization) runs Sophia as a sign-momentum method with h = 0, silently; say so once."""
+        k = min(g["k"] for g in self.param_groups)
+        if self.__dict__.get("_hessian_warned") or self._steps_since_hessian < self._HESSIAN_WARNING_PERIODS * k:
+            return
+        self._hessian_warned = True
+        warnings.warn(
+            f"Sophia has taken {self._steps_since_hessian} steps without a Hessian update (k={k}): every step is "
+            "then a clipped sign step and win_rate stays 0. Call update_hessian() when should_update_hessian() "
+            "is true, or in a Trainer/Lightning loop use dldna_fused.integrations (SophiaHessianCallback).",
+            stacklevel=3)
 
     @property
     def win_rate(self) -> float | None:

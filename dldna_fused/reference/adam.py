@@ -30,7 +30,9 @@ class Adam(Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
                  *, foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
-                 decoupled_weight_decay=False, state_dtype=None):
+                 decoupled_weight_decay=False, state_dtype=None, beta1=None, beta2=None):
+        # The chapter's keywords: Adam(params, lr=..., beta1=0.9, beta2=0.999, eps=...).
+        betas = (betas[0] if beta1 is None else beta1, betas[1] if beta2 is None else beta2)
         if float(lr) < 0.0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if eps < 0.0:
@@ -98,7 +100,7 @@ class AdamW(Adam):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
                  *, maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
-                 state_dtype=None):
+                 state_dtype=None, beta1=None, beta2=None):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
                          capturable=capturable, differentiable=differentiable, fused=fused,
-                         decoupled_weight_decay=True, state_dtype=state_dtype)
+                         decoupled_weight_decay=True, state_dtype=state_dtype, beta1=beta1, beta2=beta2)

@@ -21,12 +21,17 @@ class SGD(Optimizer):
 
     with momentum :math:`\mu`, dampening :math:`\tau` and L2 weight decay :math:`\lambda`. The
     chapter's own SGD uses ``dampening = momentum`` (its buffer is an exponential moving average of
-    the gradients, ``b = mu b + (1 - mu) g``); pass ``dampening=momentum`` to reproduce it. The
-    default, ``dampening=0``, is torch's heavy-ball momentum.
+    the gradients, ``b = mu b + (1 - mu) g``); pass ``chapter_momentum=True`` (which sets
+    ``dampening = momentum``) to reproduce it. The default, ``dampening=0``, is torch's
+    heavy-ball momentum.
     """
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
-                 maximize=False):
+                 maximize=False, chapter_momentum=False):
+        if chapter_momentum:
+            if dampening not in (0.0, momentum):
+                raise ValueError(f"chapter_momentum=True sets dampening = momentum; got dampening={dampening}")
+            dampening = momentum
         if lr < 0.0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if momentum < 0.0:
