@@ -223,3 +223,34 @@ def test_parser_of_the_landscape_threshold_says_it_is_a_loss():
     parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     landscape_cli.add_arguments(parser)
     assert "a loss difference" in " ".join(parser.format_help().split())
+
+
+# ---- results files ------------------------------------------------------------------------------
+
+def test_results_are_named_one_way_and_never_overwritten(tmp_path):
+    from dldna_fused.experiments.runner import _optimizer_name, save_results
+
+    class Adam(torch.optim.Adam):  # a user's own class: named in lower case like the registered ones
+        pass
+
+    assert _optimizer_name(reference.SGD) == "sgd" and _optimizer_name(Adam) == "adam"
+    first = save_results({"train_loss": [1.0, 0.5]}, tmp_path / "adam_mlp")
+    second = save_results({"train_loss": [2.0]}, tmp_path / "adam_mlp")
+    assert first[0].name == "adam_mlp.csv" and second[0] != first[0] and second[0].name.startswith("adam_mlp-")
+    assert first[0].read_text().count("\n") == 3  # the first run's file is untouched
+    third = save_results({"train_loss": [3.0]}, tmp_path / "adam_mlp")
+    assert len({first[1], second[1], third[1]}) == 3
+
+
+def test_the_chapters_model_sizes_are_named_configurations():
+    from dldna_fused.experiments.models import model_for
+
+    def count(model):
+        return sum(p.numel() for p in model.parameters())
+
+    assert 1.1e6 < count(model_for("cnn", (3, 32, 32), 100, size="chapter")) < 1.3e6
+    assert count(model_for("cnn", (3, 32, 32), 100)) < 2e5
+    with torch.device("meta"):  # 64M parameters: counted without allocating them
+        assert 55e6 < count(model_for("transformer", (3, 32, 32), 100, size="chapter")) < 70e6
+    with pytest.raises(ValueError, match="unknown size 'huge'"):
+        model_for("cnn", (3, 32, 32), 100, size="huge")

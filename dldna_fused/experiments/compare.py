@@ -14,7 +14,7 @@ import torch
 
 from dldna_fused.experiments.data import DATASETS, DEFAULT_ROOT, get_data_loaders
 from dldna_fused.experiments.plots import plot_training_results
-from dldna_fused.experiments.runner import OPTIMIZERS, run_advanced_experiment
+from dldna_fused.experiments.runner import OPTIMIZERS, run_advanced_experiment, unique_stem
 
 
 def _setting(text: str) -> tuple[str, str, object]:
@@ -36,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "$DLDNA_DATA or ./data)")
     parser.add_argument("--download", action="store_true", help="download FashionMNIST/CIFAR100 if missing")
     parser.add_argument("--model", choices=("mlp", "cnn", "transformer"), default="mlp", help="the model trained")
+    parser.add_argument("--size", choices=("small", "chapter"), default="small",
+                        help="CNN/Transformer size: CPU-sized, or the chapter's (~1.2M / ~64M parameters)")
     parser.add_argument("--optimizers", type=lambda s: s.split(","), default=["sgd", "adam", "lion", "sophia",
                                                                               "adafactor"],
                         help="comma-separated, of: " + ", ".join(OPTIMIZERS))
@@ -85,15 +87,20 @@ def main(args: argparse.Namespace) -> int:
     for name in args.optimizers:
         results[name] = run_advanced_experiment(
             OPTIMIZERS[name][0], args.model, train_loader, test_loader, configs[name], args.device, args.epochs,
-            seed=args.seed, results_dir=out, progress=bar)
+            seed=args.seed, results_dir=out, progress=bar, size=args.size)
     bar.close()
-    title = f"{args.model} on {args.dataset}"
+    title = f"{args.model} on {args.dataset}" if args.model == "mlp" else f"{args.model} ({args.size}) on {args.dataset}"
     print(f"{title}, {args.epochs} epochs, batch {args.batch_size}, device {args.device}, seed {args.seed}")
     print(format_table(results))
-    (out / "results.json").write_text(json.dumps(
-        {"dataset": args.dataset, "model": args.model, "epochs": args.epochs, "batch_size": args.batch_size,
+    # One run id for this run's summary and figures when an earlier run's are in the folder.
+    run_id = unique_stem(out / "results", (".json",)).name[len("results"):]
+    summary = out / f"results{run_id}.json"
+    summary.write_text(json.dumps(
+        {"dataset": args.dataset, "model": args.model, "size": args.size, "epochs": args.epochs,
+         "batch_size": args.batch_size,
          "seed": args.seed, "device": str(args.device), "runs": results}, indent=2))
-    for mode in ("train", "test"):
-        plot_training_results(results, mode=mode, title=f"{title}: {mode}", save_path=out / f"curves_{mode}.png")
-    print(f"wrote {out / 'results.json'}, {out / 'curves_train.png'}, {out / 'curves_test.png'}")
+    curves = {mode: out / f"curves_{mode}{run_id}.png" for mode in ("train", "test")}
+    for mode, path in curves.items():
+        plot_training_results(results, mode=mode, title=f"{title}: {mode}", save_path=path)
+    print(f"wrote {summary}, {curves['train']}, {curves['test']}")
     return 0

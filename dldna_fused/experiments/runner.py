@@ -40,17 +40,38 @@ METRICS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "gradie
 
 
 def _optimizer_name(optimizer_class) -> str:
+    """The registered name (``sgd``, ``torch-adam``), or the class name in lower case, so that
+    every results file is named ``<optimizer>_<model>`` in one style."""
     for name, (cls, _) in OPTIMIZERS.items():
         if cls is optimizer_class:
             return name
-    return getattr(optimizer_class, "__name__", "optimizer")
+    return getattr(optimizer_class, "__name__", "optimizer").lower()
+
+
+def unique_stem(stem: str | Path, suffixes=(".csv", ".json")) -> Path:
+    """``stem``, or, when a file ``stem + suffix`` already exists, ``stem-<YYYYmmdd-HHMMSS>`` (and
+    ``-2``, ``-3``, ... within the same second): a run never overwrites another's results."""
+    stem = Path(stem)
+
+    def taken(candidate: Path) -> bool:
+        return any(candidate.with_name(candidate.name + s).exists() for s in suffixes)
+
+    if not taken(stem):
+        return stem
+    base = stem.with_name(f"{stem.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    candidate, n = base, 2
+    while taken(candidate):
+        candidate, n = base.with_name(f"{base.name}-{n}"), n + 1
+    return candidate
 
 
 def save_results(results: dict, path_stem: str | Path) -> tuple[Path, Path]:
     """Writes one experiment's per-epoch lists as ``<stem>.csv`` (one row per epoch) and
-    ``<stem>.json``; returns both paths."""
+    ``<stem>.json`` (under another stem when those exist, see :func:`unique_stem`); returns both
+    paths."""
     stem = Path(path_stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
+    stem = unique_stem(stem)
     csv_path, json_path = stem.with_suffix(".csv"), stem.with_suffix(".json")
     keys = [k for k in results if isinstance(results[k], list)]
     with open(csv_path, "w", newline="") as f:
@@ -118,16 +139,17 @@ def run_basic_experiment(optimizer_class, train_loader, test_loader, config: dic
 def run_advanced_experiment(optimizer_class, model_type: str = "cnn", train_loader=None, test_loader=None,
                             config: dict | None = None, device="cpu", epochs: int = 5, *,
                             act_func: nn.Module | None = None, seed: int = 0,
-                            results_dir: str | Path | None = "results", progress=None) -> dict:
+                            results_dir: str | Path | None = "results", progress=None, size: str = "small") -> dict:
     """As ``run_basic_experiment`` with ``model_type`` "mlp", "cnn" (SmallCNN) or "transformer"
-    (SmallViT). As in the chapter, the results are also written, to
+    (SmallViT), the latter two at ``size`` "small" or "chapter" (the chapter's parameter counts,
+    see ``models.MODEL_SIZES``). As in the chapter, the results are also written, to
     ``<results_dir>/<optimizer>_<model_type>.csv`` and ``.json`` (default ``results/``;
-    ``results_dir=None`` writes nothing)."""
+    ``results_dir=None`` writes nothing; an earlier run's files are kept, see ``unique_stem``)."""
     if train_loader is None or test_loader is None:
         raise ValueError("train_loader and test_loader are required (see get_data_loaders)")
     x, _ = next(iter(train_loader))
     torch.manual_seed(seed)
-    model = model_for(model_type, tuple(x.shape[1:]), num_labels(train_loader), act_func)
+    model = model_for(model_type, tuple(x.shape[1:]), num_labels(train_loader), act_func, size)
     reseed(train_loader, seed)
     name = f"{_optimizer_name(optimizer_class)}_{model_type}"
     return run_experiment(model, optimizer_class, train_loader, test_loader, config or {}, device, epochs,

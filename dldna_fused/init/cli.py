@@ -14,6 +14,7 @@ import torch
 from dldna_fused.init.analysis import analyze_initialization, create_detailed_analysis_table
 from dldna_fused.init.methods import apply_init, init_methods
 from dldna_fused.init.variance import plot_variance_propagation, variance_propagation
+from dldna_fused.experiments.runner import unique_stem
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,8 +83,11 @@ def main(args: argparse.Namespace) -> int:
               f"backward (first / last) {r['backward'][0] / r['backward'][-1]:10.3g}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # An earlier run's files stay: this run's get a run id (see unique_stem).
+    run_id = unique_stem(out / "results", (".json",)).name[len("results"):]
+    summary, figure = out / f"results{run_id}.json", out / f"variance{run_id}.png"
     plot_variance_propagation(variance, title=f"{args.depth} x {args.width} {args.activation} MLP",
-                              save_path=out / "variance.png")
-    (out / "results.json").write_text(json.dumps({"analysis": results, "variance": variance}, indent=2))
-    print(f"wrote {out / 'results.json'}, {out / 'variance.png'}", file=sys.stderr)
+                              save_path=figure)
+    summary.write_text(json.dumps({"analysis": results, "variance": variance}, indent=2))
+    print(f"wrote {summary}, {figure}", file=sys.stderr)
     return 0
