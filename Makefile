@@ -13,7 +13,7 @@ EXT_STAMP := build/.extension.stamp
 CMAKE_DIR := build/cmake
 NATIVE_INPUTS := $(shell find csrc -type f) setup.py pyproject.toml CMakeLists.txt
 
-.PHONY: all venv build cpp-test python-test test sweep demo bench clean
+.PHONY: all venv build cpp-test python-test test sweep demo bench figures clean
 
 all: build
 
@@ -55,6 +55,10 @@ sweep: build
 bench: build
 	$(VENV)/bin/dldna-fused bench --optimizer adamw,lion,sophia,adafactor
 	$(VENV)/bin/dldna-fused bench --optimizer adamw --clip
+
+# Every number and figure of the README's toolkit sections, from one run (docs/figures.sh).
+figures: build
+	docs/figures.sh $(PYTHON)
 
 demo: bench
 

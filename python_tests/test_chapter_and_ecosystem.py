@@ -254,3 +254,37 @@ def test_the_chapters_model_sizes_are_named_configurations():
         assert 55e6 < count(model_for("transformer", (3, 32, 32), 100, size="chapter")) < 70e6
     with pytest.raises(ValueError, match="unknown size 'huge'"):
         model_for("cnn", (3, 32, 32), 100, size="huge")
+
+
+# ---- figures ---------------------------------------------------------------------------------------
+
+def test_figures_say_what_they_show():
+    from dldna_fused import reference
+    from dldna_fused.experiments.plots import plot_training_results
+    from dldna_fused.init.variance import plot_variance_propagation
+    from dldna_fused.landscape import train_loss_surface, visualize_optimization_path, visualize_weight_space
+
+    runs = {"a": {"train_loss": [1.0, 0.5], "test_loss": [1.1, 0.6], "train_accuracy": [0.5, 0.7],
+                  "test_accuracy": [0.4, 0.6], "gradient_norm": [1.0, 0.9], "memory": [1.0, 1.0]}}
+    test_figure = plot_training_results(runs, mode="test")
+    assert [ax.get_title() for ax in test_figure.axes] == ["test loss", "test accuracy"]  # no train-time metrics
+    ticks = test_figure.axes[0].get_xticks()
+    assert all(float(t).is_integer() for t in ticks)  # no fractional epochs
+
+    params = (-5.0, 0.0, 0.0, 1.0, 1.0, 5.0)
+    paths = [train_loss_surface(lambda p: reference.SGD(p, lr=0.1, momentum=0.5), [-1, 1], 5, params),
+             train_loss_surface(lambda p: optim.Adam(p, lr=0.1), [-1, 1], 5, params)]
+    assert paths[0].label == "SGD lr=0.1 momentum=0.5" and paths[1].label == "Adam lr=0.1"
+    grid = np.linspace(-1, 1, 5)
+    X, Y = np.meshgrid(grid, grid)
+    figure = visualize_optimization_path(X, Y, X * 0, params[:5], params[5], paths)
+    assert [t.get_text() for t in figure.axes[0].get_legend().get_texts()] == [paths[0].label, paths[1].label]
+
+    variance = {"sane": {"forward": [1.0, 0.9, 0.8], "backward": [1.0, 1.0, 1.0]},
+                "exploding": {"forward": [1.0, 1e20, 1e35], "backward": [1e30, 1e10, 1.0]}}
+    labels = [t.get_text() for t in plot_variance_propagation(variance).axes[0].get_legend().get_texts()]
+    assert labels == ["sane", "exploding (off scale: 1e+35)"]
+
+    pca = visualize_weight_space(np.random.default_rng(0).normal(size=(10, 2)), [f"epoch {i}" for i in range(1, 11)])
+    colorbar = pca.axes[1]
+    assert [int(t) for t in colorbar.get_yticks()] == list(range(1, 11))

@@ -13,18 +13,28 @@ _LABELS = {
 _PER_SPLIT = ("loss", "accuracy")
 
 
-def plot_training_results(results: dict, metrics=("loss", "accuracy", "gradient_norm", "memory"), mode: str = "train",
+# Each run gets its own dash and marker besides its colour, so runs with equal values (e.g. the
+# state memory of Adam and Sophia) stay visible on top of each other.
+_STYLES = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (5, 1, 1, 1)), "v"), ((0, (1, 2)), "P")]
+
+
+def plot_training_results(results: dict, metrics=None, mode: str = "train",
                           title: str | None = None, save_path: str | Path | None = None, size=None):
     """One panel per metric, one line per run, against the epoch.
 
     ``results`` maps a run's label to its result dict (run_basic_experiment's); "loss" and
-    "accuracy" take the ``mode`` split ("train" or "test"), the other metrics are per epoch.
-    Returns the figure; ``save_path`` also writes it (PNG by the suffix).
+    "accuracy" take the ``mode`` split ("train" or "test"), the other metrics are per epoch and
+    measured while training, so by default only the train figure shows them (train: loss,
+    accuracy, gradient_norm, memory; test: loss, accuracy). Returns the figure; ``save_path``
+    also writes it (PNG by the suffix).
     """
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     if mode not in ("train", "test"):
         raise ValueError(f"mode must be 'train' or 'test', got {mode!r}")
+    if metrics is None:
+        metrics = ("loss", "accuracy", "gradient_norm", "memory") if mode == "train" else ("loss", "accuracy")
     metrics = list(metrics)
     for m in metrics:
         if m not in _LABELS:
@@ -32,11 +42,14 @@ def plot_training_results(results: dict, metrics=("loss", "accuracy", "gradient_
     fig, axes = plt.subplots(1, len(metrics), figsize=size or (4.2 * len(metrics), 3.6), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         key = f"{mode}_{metric}" if metric in _PER_SPLIT else metric
-        for label, run in results.items():
+        for i, (label, run) in enumerate(results.items()):
             values = run.get(key)
             if values:
-                ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=label)
+                dash, marker = _STYLES[i % len(_STYLES)]
+                ax.plot(range(1, len(values) + 1), values, linestyle=dash, marker=marker, markersize=4,
+                        markerfacecolor="none", label=label)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no fractional epochs on short runs
         ax.set_title(f"{mode} {_LABELS[metric]}" if metric in _PER_SPLIT else _LABELS[metric])
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)

@@ -61,15 +61,28 @@ def plot_variance_propagation(results: dict, title: str | None = None, save_path
     ``results`` maps a method's name to its ``variance_propagation`` dict. Returns the figure."""
     import matplotlib.pyplot as plt
 
+    import numpy as np
+
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for name, r in results.items():
-        depth = range(1, len(r["forward"]) + 1)
-        axes[0].plot(depth, r["forward"], marker="o", markersize=3, label=name)
-        axes[1].plot(depth, r["backward"], marker="o", markersize=3, label=name)
-    for ax, what in zip(axes, ("forward: Var(layer output)", "backward: Var(dL/d output)")):
+    for ax, key, what in zip(axes, ("forward", "backward"), ("forward: Var(layer output)", "backward: Var(dL/d output)")):
+        curves = {name: np.asarray(r[key], dtype=float) for name, r in results.items()}
+        # A method that explodes (l-momentum reaches ~1e35) would squash the others into a line:
+        # the axis spans the methods within 1e8 of their median start, the rest run off it and
+        # their legend entries say how far they go.
+        starts = np.median([c[np.isfinite(c) & (c > 0)][0] for c in curves.values() if (np.isfinite(c) & (c > 0)).any()])
+        sane = [c for c in curves.values() if np.all(np.isfinite(c)) and c.max() < starts * 1e8 and c.min() > starts * 1e-8]
+        for name, c in curves.items():
+            label = name
+            if sane and not any(c is s for s in sane):
+                extreme = c.max() if c.max() > starts else c.min()
+                label = f"{name} (off scale: {extreme:.0e})"
+            ax.plot(range(1, len(c) + 1), c, marker="o", markersize=3, label=label)
+        if sane and len(sane) < len(curves):
+            low, high = min(s.min() for s in sane), max(s.max() for s in sane)
+            ax.set_ylim(low / 10, high * 10)
         ax.set_yscale("log")
         ax.set_xlabel("layer")
         ax.set_title(what)
         ax.grid(alpha=0.3, which="both")
-    axes[0].legend(fontsize=8)
+        ax.legend(fontsize=7)
     return finish_figure(fig, title, save_path)

@@ -98,7 +98,8 @@ def visualize_gaussian_fit(x, y, z, popt, offset, d_min=None, d_max=None, d_num=
     ax.set_ylabel("lambda 2")
     ax.set_zlabel("loss")
     A, x0, y0, s1, s2 = popt
-    return finish_figure(fig, title or f"Gaussian fit: A={A:.3g}, centre=({x0:.3g}, {y0:.3g}), "
+    # Two lines: on one, the numbers ran past both edges of a 7-inch figure.
+    return finish_figure(fig, title or f"Gaussian fit: A={A:.3g}, centre=({x0:.3g}, {y0:.3g})\n"
                                        f"sigma=({s1:.3g}, {s2:.3g}), offset={offset:.3g}", save_path)
 
 
@@ -108,7 +109,9 @@ def train_loss_surface(optimizer_factory, start_range, steps: int, gaussian_para
     references, torch's) for ``steps`` steps on a point p = (x, y) minimizing the fitted surface
     ``gaussian_surface(x, y, *gaussian_params)`` (``gaussian_params`` = (*popt, offset)), or the
     differentiable ``surface(p)`` when given. The start is ``start``, or uniform in
-    ``start_range`` = [low, high] on both axes (seeded). Returns the ``(steps + 1) x 2`` path."""
+    ``start_range`` = [low, high] on both axes (seeded). Returns the ``(steps + 1) x 2`` path, an
+    array whose ``label`` names the optimizer (e.g. "SGD lr=0.05 momentum=0.8"), which
+    :func:`visualize_optimization_path` uses for its legend when given no labels."""
     if surface is None:
         if gaussian_params is None or len(gaussian_params) != 6:
             raise ValueError("gaussian_params must be (A, x0, y0, sigma1, sigma2, offset), e.g. (*popt, offset)")
@@ -129,7 +132,31 @@ def train_loss_surface(optimizer_factory, start_range, steps: int, gaussian_para
         surface(point).backward()
         optimizer.step()
         path.append(point.detach().clone().numpy())
-    return np.stack(path)
+    return OptimizerPath(np.stack(path), optimizer_label(optimizer))
+
+
+class OptimizerPath(np.ndarray):
+    """A path of points (an ndarray) that carries the name of the optimizer that made it."""
+
+    def __new__(cls, points: np.ndarray, label: str):
+        path = np.asarray(points).view(cls)
+        path.label = label
+        return path
+
+    def __array_finalize__(self, obj):
+        self.label = getattr(obj, "label", None)
+
+
+def optimizer_label(optimizer) -> str:
+    """The optimizer's class name and the hyperparameters that tell runs apart (lr, and momentum or
+    betas when set), e.g. "SGD lr=0.05 momentum=0.8"."""
+    group = optimizer.param_groups[0]
+    parts = [type(optimizer).__name__]
+    if "lr" in group and group["lr"] is not None:
+        parts.append(f"lr={float(group['lr']):g}")
+    if group.get("momentum"):
+        parts.append(f"momentum={group['momentum']:g}")
+    return " ".join(parts)
 
 
 def visualize_optimization_path(x, y, z, popt, offset, paths, labels=None, act_name: str = "", levels: int = 20,
@@ -146,7 +173,7 @@ def visualize_optimization_path(x, y, z, popt, offset, paths, labels=None, act_n
     fig, ax = plt.subplots(figsize=size)
     filled = ax.contourf(gx, gy, gaussian_surface(gx, gy, *popt, offset), levels=levels, cmap="viridis")
     fig.colorbar(filled, ax=ax, label="fitted loss")
-    labels = labels or [f"path {i + 1}" for i in range(len(paths))]
+    labels = labels or [getattr(p, "label", None) or f"path {i + 1}" for i, p in enumerate(paths)]
     for k, (path, label) in enumerate(zip(paths, labels)):
         path = np.asarray(path)
         color = f"C{(k + 1) % 10}"

@@ -64,19 +64,23 @@ def plot_multiscale(decomposition: dict, title: str | None = None, save_path: st
     coefficients = decomposition["coefficients"]
     n = len(coefficients)
     fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.4), squeeze=False)
-    image = axes[0][0].imshow(coefficients[0], cmap="viridis", origin="lower")
+    # Every level covers the whole plane: with the surface's grid known, the axes are its lambdas.
+    X, Y, _ = decomposition.get("surface", (None, None, None))
+    extent = None if X is None else (float(np.min(X)), float(np.max(X)), float(np.min(Y)), float(np.max(Y)))
+    image = axes[0][0].imshow(coefficients[0], cmap="viridis", origin="lower", extent=extent, aspect="auto")
     axes[0][0].set_title("approximation")
     fig.colorbar(image, ax=axes[0][0], fraction=0.046)
     level = decomposition["level"]
     for k, triple in enumerate(coefficients[1:], start=1):
         magnitude = np.sqrt(sum(d**2 for d in triple))
-        image = axes[0][k].imshow(magnitude, cmap="magma", origin="lower")
+        image = axes[0][k].imshow(magnitude, cmap="magma", origin="lower", extent=extent, aspect="auto")
         # pywt lists details coarsest first; level `level` is the coarsest, 1 the finest.
         axes[0][k].set_title(f"details, level {level - k + 1}\nenergy {decomposition['energy']['details'][k - 1]:.3g}")
         fig.colorbar(image, ax=axes[0][k], fraction=0.046)
     for ax in axes[0]:
-        ax.set_xticks([])
-        ax.set_yticks([])
+        ax.set_xlabel("lambda 1" if extent else "coefficient (direction 1)")
+        ax.tick_params(labelsize=7)
+    axes[0][0].set_ylabel("lambda 2" if extent else "coefficient (direction 2)")
     return finish_figure(fig, title, save_path)
 
 

@@ -15,6 +15,7 @@ def visualize_loss_surface(data, name: str, color: str = "C0", alpha: float = 0.
     a 3-D surface (``plot_3d``) or filled contours with labelled contour lines. ``labels`` name
     the panels' directions (default "directions 1-2", "3-4", ...). Returns the figure."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     n = len(data)
     fig = plt.figure(figsize=size or (5 * n, 4.4))
@@ -24,11 +25,16 @@ def visualize_loss_surface(data, name: str, color: str = "C0", alpha: float = 0.
             ax = fig.add_subplot(1, n, k + 1, projection="3d")
             ax.plot_surface(X, Y, Z, color=color, alpha=alpha, linewidth=0, antialiased=True)
             ax.set_zlabel("loss")
+            # Fewer, smaller ticks: the default ones ran into each other at this size.
+            for axis in (ax.xaxis, ax.yaxis, ax.zaxis):
+                axis.set_major_locator(MaxNLocator(4))
+            ax.tick_params(labelsize=7)
         else:
             ax = fig.add_subplot(1, n, k + 1)
             filled = ax.contourf(X, Y, Z, levels=levels, cmap="viridis")
             lines = ax.contour(X, Y, Z, levels=levels, colors="k", linewidths=0.4)
-            ax.clabel(lines, inline=True, fontsize=6, fmt="%.2f")
+            # Every third line labelled: all of them piled up where the lines crowd (the corners).
+            ax.clabel(lines, lines.levels[::3], inline=True, fontsize=6, fmt="%.2f")
             fig.colorbar(filled, ax=ax, label="loss")
             ax.plot(0, 0, "r+", markersize=10)
         ax.set_xlabel("lambda 1")

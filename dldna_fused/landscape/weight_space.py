@@ -54,16 +54,21 @@ def visualize_weight_space(embedded: np.ndarray, labels, method: str = "PCA", ex
 
     fig, ax = plt.subplots(figsize=size)
     ax.plot(embedded[:, 0], embedded[:, 1], "-", color="0.7", zorder=1)
-    points = ax.scatter(embedded[:, 0], embedded[:, 1], c=np.arange(len(embedded)), cmap="viridis", zorder=2)
+    order = np.arange(1, len(embedded) + 1)
+    points = ax.scatter(embedded[:, 0], embedded[:, 1], c=order, cmap="viridis", zorder=2)
     ax.scatter(*embedded[0], marker="s", s=80, facecolors="none", edgecolors="k", label="first")
     ax.scatter(*embedded[-1], marker="*", s=140, color="C3", label="last")
-    for (x, y), label in zip(embedded, labels or []):
-        ax.annotate(str(label), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    # Labels alternate above and below their point, so neighbours close together stay readable,
+    # and the margins keep the outermost labels inside the axes.
+    for i, ((x, y), label) in enumerate(zip(embedded, labels or [])):
+        ax.annotate(str(label), (x, y), fontsize=7, xytext=(4, 4 if i % 2 == 0 else -10), textcoords="offset points")
+    ax.margins(0.18)
     names = ("component 1", "component 2")
     if explained_variance is not None:
         names = tuple(f"{n} ({100 * r:.1f}%)" for n, r in zip(names, explained_variance))
     ax.set_xlabel(names[0])
     ax.set_ylabel(names[1])
-    fig.colorbar(points, ax=ax, label="order")
+    bar = fig.colorbar(points, ax=ax, label="checkpoint, in order (1 = first)")
+    bar.set_ticks(order if len(order) <= 12 else np.linspace(1, len(order), 6).round())
     ax.legend(fontsize=8)
     return finish_figure(fig, title or f"weight space ({method})", save_path)
