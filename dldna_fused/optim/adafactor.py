@@ -79,7 +79,11 @@ class Adafactor(FusedOptimizer):
     Args:
         params: iterable of parameters or param groups.
         lr: the external learning rate; must be None with ``relative_step=True`` and given
-            without it (as in transformers).
+            without it (as in transformers). With ``relative_step=True`` the step size is its own
+            schedule: torch's lr schedulers cannot scale ``lr=None`` (they raise TypeError on it,
+            as with transformers' Adafactor), so to schedule use ``relative_step=False`` with an
+            ``lr``; ``transformers.optimization.AdafactorSchedule`` (which reads :meth:`_get_lr`)
+            reports the relative step to loggers.
         eps: :math:`(\epsilon_1, \epsilon_2)`: regularizes the squared gradient, and floors the
             parameter scale (default (1e-30, 1e-3)).
         clip_threshold: :math:`d`, the RMS the update is clipped to (default 1.0).
