@@ -248,3 +248,14 @@ def test_state_dict_round_trip_keeps_max_grad_norm():
     fresh = optim.AdamW([p])
     fresh.load_state_dict(copy.deepcopy(opt.state_dict()))
     assert fresh.param_groups[0]["max_grad_norm"] == 0.25
+
+
+def test_every_optimizer_checks_max_grad_norm_at_step():
+    for cls, kwargs in OPTIMIZERS.values():
+        p = torch.nn.Parameter(torch.randn(3, 2))
+        opt = cls([p], max_grad_norm=1.0, **kwargs)
+        opt.param_groups[0]["max_grad_norm"] = -1.0
+        p.grad = torch.ones(3, 2)
+        with pytest.raises(ValueError, match="param group 0: max_grad_norm must be > 0"):
+            opt.step()
+        assert torch.equal(p.grad, torch.ones(3, 2))

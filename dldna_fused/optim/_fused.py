@@ -159,19 +159,29 @@ class FusedOptimizer(Optimizer):
             defaults["state_dtype"] = state_dtype
         if max_grad_norm is not None:
             defaults["max_grad_norm"] = max_grad_norm  # likewise
-        self._check_group(defaults)
+        self._check_options(defaults)
+        self._check_shared_options(defaults)
         super().__init__(params, defaults)
 
+    # Option checks: _check_options (each optimizer's rules) at construction and in
+    # add_param_group; _check_step_options (the same, unless a subclass relaxes rules only a
+    # constructor enforces) before a step and after a load; _check_shared_options (what every
+    # optimizer takes, such as max_grad_norm) at all of these.
     def _check_options(self, options: dict) -> None:
         raise NotImplementedError
 
-    def _check_group(self, group: dict) -> None:
-        """The checks of a group's options before a step or after a load (``_check_options``
-        unless a subclass relaxes rules that only the constructor enforces), and of the options
-        every optimizer shares."""
+    def _check_step_options(self, group: dict) -> None:
         self._check_options(group)
-        if group.get("max_grad_norm") is not None:
-            check_hyperparameter("max_grad_norm", group["max_grad_norm"], 0.0, low_open=True)
+
+    @staticmethod
+    def _check_shared_options(options: dict) -> None:
+        if options.get("max_grad_norm") is not None:
+            check_hyperparameter("max_grad_norm", options["max_grad_norm"], 0.0, low_open=True)
+
+    def _check_group(self, group: dict) -> None:
+        """The checks of a group's options before a step or after a load."""
+        self._check_step_options(group)
+        self._check_shared_options(group)
 
     def add_param_group(self, param_group: dict) -> None:
         """As torch.optim's, and all or nothing: a group whose params or options are invalid
@@ -181,7 +191,7 @@ class FusedOptimizer(Optimizer):
         try:
             group = self.param_groups[-1]
             self._check_options(group)
-            self._check_group(group)
+            self._check_shared_options(group)
             for p in group["params"]:
                 self._check_param(p)
         except BaseException:
@@ -434,6 +444,7 @@ class FusedOptimizer(Optimizer):
         try:
             entries = [self._group_lists(index, group, has_grad, build, options(group))
                        for index, (group, _, has_grad) in enumerate(gathered)]
+            factors = self._clip_factors(gathered) if clip else {}
         except BaseException:
             for p, key in reversed(log):
                 state = self.state.get(p)
@@ -447,7 +458,6 @@ class FusedOptimizer(Optimizer):
             self.__dict__["_new_states"] = None
         if not compiling and "_state_snapshot" not in self.__dict__:
             self.__dict__["_state_snapshot"] = (self.state, _C.dict_items(self.state))
-        factors = self._clip_factors(gathered) if clip else {}
         self.__dict__["_step_clip_factors"] = factors  # for work outside the op calls (sharded AdaFactor)
         calls = []
         for (group, grads, _), entry in zip(gathered, entries):

@@ -123,7 +123,7 @@ class Adafactor(FusedOptimizer):
     def _check_options(cls, options: dict) -> None:
         check_adafactor_options(*(options[key] for key in cls._OPTIONS))
 
-    def _check_group(self, group: dict) -> None:
+    def _check_step_options(self, group: dict) -> None:
         check_adafactor_options(*(group[key] for key in self._OPTIONS), construction=False)
 
     def _state_spec(self, group: dict, p: torch.Tensor) -> dict:
