@@ -288,3 +288,28 @@ def test_figures_say_what_they_show():
     pca = visualize_weight_space(np.random.default_rng(0).normal(size=(10, 2)), [f"epoch {i}" for i in range(1, 11)])
     colorbar = pca.axes[1]
     assert [int(t) for t in colorbar.get_yticks()] == list(range(1, 11))
+
+
+@pytest.mark.parametrize("make", [
+    lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+    lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10),
+    lambda opt: torch.optim.lr_scheduler.LinearLR(opt),
+], ids=["lambda", "cosine", "linear"])
+def test_a_scheduler_on_relative_step_adafactor_says_what_to_do(make):
+    p = nn.Parameter(torch.randn(4, 3))
+    relative = optim.Adafactor([p])
+    with pytest.raises(TypeError, match="pass relative_step=False and an lr"):
+        make(relative)
+    assert "initial_lr" not in relative.param_groups[0]  # the scheduler's None is taken back
+    scheduled = optim.Adafactor([p], lr=1e-2, relative_step=False)
+    scheduler = make(scheduled)
+    p.grad = torch.randn(4, 3)
+    scheduled.step()
+    scheduler.step()
+    # The groups stay plain where it matters: state_dict and a reload round trip.
+    saved = scheduled.state_dict()
+    assert type(saved["param_groups"][0]) is dict
+    fresh = optim.Adafactor([p])
+    fresh.load_state_dict(saved)
+    with pytest.raises(TypeError, match="relative_step=False"):
+        make(optim.Adafactor([nn.Parameter(torch.randn(2, 2))]))

@@ -39,6 +39,22 @@ def _sharded_zeros(p, key: str, shape) -> torch.Tensor:
     return dtensor_zeros(tuple(shape), dtype=torch.float32, device_mesh=mesh, placements=placements)
 
 
+# [Note: Adafactor and lr schedulers]
+# With relative_step=True, lr is None (transformers' convention) and the step size is its own
+# schedule. A torch lr scheduler would fail inside its constructor's first step on None
+# arithmetic ("unsupported operand type(s) for *: 'NoneType' and 'float'"). Before that step, every
+# torch scheduler wraps optimizer.step (a wrapper marked _wrapped_by_lr_sched) and assigns it to
+# the optimizer; Adafactor.__setattr__ sees that assignment and, when a relative-step group has no
+# initial_lr but None, raises a TypeError that says what to do (after removing the None the
+# scheduler had just put there). transformers' AdafactorSchedule sets initial_lr first and passes.
+# (Dict subclasses for the groups would catch it earlier, but torch.compile cannot trace them.)
+SCHEDULER_MESSAGE = (
+    "Adafactor(relative_step=True) has lr=None and computes its own relative step size, which an lr scheduler "
+    "cannot scale. To use a scheduler, pass relative_step=False and an lr, e.g. Adafactor(params, lr=1e-3, "
+    "relative_step=False, scale_parameter=False); to log the relative step, use "
+    "transformers.optimization.AdafactorSchedule(optimizer).")
+
+
 class Adafactor(FusedOptimizer):
     r"""AdaFactor with fused multi-tensor kernels on the CPU and on CUDA: a factored second moment
     (one row and one column vector per matrix instead of a full tensor), relative step sizes and
@@ -80,10 +96,10 @@ class Adafactor(FusedOptimizer):
         params: iterable of parameters or param groups.
         lr: the external learning rate; must be None with ``relative_step=True`` and given
             without it (as in transformers). With ``relative_step=True`` the step size is its own
-            schedule: torch's lr schedulers cannot scale ``lr=None`` (they raise TypeError on it,
-            as with transformers' Adafactor), so to schedule use ``relative_step=False`` with an
-            ``lr``; ``transformers.optimization.AdafactorSchedule`` (which reads :meth:`_get_lr`)
-            reports the relative step to loggers.
+            schedule: a torch lr scheduler cannot scale ``lr=None`` and its constructor raises a
+            TypeError saying to use ``relative_step=False`` with an ``lr`` (see [Note: Adafactor
+            and lr schedulers]); ``transformers.optimization.AdafactorSchedule`` (which reads
+            :meth:`_get_lr`) reports the relative step to loggers.
         eps: :math:`(\epsilon_1, \epsilon_2)`: regularizes the squared gradient, and floors the
             parameter scale (default (1e-30, 1e-3)).
         clip_threshold: :math:`d`, the RMS the update is clipped to (default 1.0).
@@ -118,6 +134,16 @@ class Adafactor(FusedOptimizer):
     _fp32_states_only = True
 
     _OPTIONS = ("lr", "eps", "clip_threshold", "decay_rate", "beta1", "weight_decay", "relative_step", "warmup_init")
+
+    def __setattr__(self, name, value):
+        if name == "step" and getattr(value, "_wrapped_by_lr_sched", False):  # [Note: Adafactor and lr schedulers]
+            unscheduled = [g for g in self.param_groups if g.get("relative_step") and "initial_lr" in g
+                           and g["initial_lr"] is None]
+            if unscheduled:
+                for group in unscheduled:
+                    del group["initial_lr"]
+                raise TypeError(SCHEDULER_MESSAGE)
+        super().__setattr__(name, value)
 
     @classmethod
     def _check_options(cls, options: dict) -> None:
