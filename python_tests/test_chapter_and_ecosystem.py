@@ -34,7 +34,7 @@ def test_the_chapters_initialization_analysis_runs_verbatim_on_digits(capsys):
         init_methods=chapter_methods,
         train_loader=train_dataloader,
         test_loader=test_dataloader,
-        epochs=1,
+        epochs=3,
         device=device,
     )
     create_detailed_analysis_table(results)
@@ -44,13 +44,13 @@ def test_the_chapters_initialization_analysis_runs_verbatim_on_digits(capsys):
     assert set(init_methods) >= set(chapter_methods)
 
 
-def test_simple_network_takes_its_input_size_from_the_data_unless_given():
+def test_simple_network_takes_its_input_size_from_the_data_unless_given(tmp_path):
     train_dataloader, test_dataloader = get_data_loaders()
     model = SimpleNetwork(act_func=nn.ReLU(), hidden_shape=[512, 64])
     first = model.layers[1].weight
     optimizer = reference.SGD(params=model.parameters(), lr=1e-3, momentum=0.9)
-    train_model(model, train_dataloader, test_dataloader, "cpu", optimizer=optimizer, epochs=1,
-                batch_size=256, save_dir="/tmp/dldna_test_opts", retrain=True, progress=False)
+    train_model(model, train_dataloader, test_dataloader, get_device(), optimizer=optimizer, epochs=1,
+                batch_size=256, save_dir=tmp_path / "opts" / "ReLU", retrain=True)
     assert model.input_shape == 64 and model.layers[1].weight is first  # resized in place
     assert optimizer.param_groups[0]["params"][0] is first
     explicit = SimpleNetwork(input_shape=784)
