@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from typing import Any
 
 import torch
 from torch.optim import Optimizer
