@@ -12,21 +12,16 @@ from collections.abc import Iterable
 import torch
 
 from dldna_fused import _C, ops
+from dldna_fused._distributed import dtensor_type
 
 # The norms fused_grad_norm computes; others go to torch.
 _FUSED_NORMS = (1.0, 2.0, float("inf"))
 
 
-def _dtensor_type():
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:
-        return None
-    return DTensor
-
-
-def _fused_norm_applies(tensors: list, norm_type: float) -> bool:
-    return (norm_type in _FUSED_NORMS and ops.has_kernel(tensors[0].device.type)
+def _fused_ops_take(tensors: list) -> bool:
+    """Whether fused_grad_norm/fused_scale_ take ``tensors`` (of one device and dtype): plain dense
+    tensors on a device with a kernel."""
+    return (ops.has_kernel(tensors[0].device.type)
             and all(type(t) is torch.Tensor and t.layout == torch.strided for t in tensors))
 
 
@@ -58,12 +53,13 @@ def get_total_norm(tensors: Iterable[torch.Tensor], norm_type: float = 2.0, erro
     norms = []
     for (device, _), group in groups.items():
         scale = None if grad_scale is None else grad_scale.to(device=device, dtype=torch.float32, non_blocking=True)
-        if _fused_norm_applies(group, norm_type):
+        if norm_type in _FUSED_NORMS and _fused_ops_take(group):
             norms.append(ops.fused_grad_norm(group, norm_type, grad_scale=scale))
             continue
-        if _dtensor_type() is not None and any(isinstance(t, _dtensor_type()) for t in group):
+        DTensor = dtensor_type()
+        if DTensor is not None and any(isinstance(t, DTensor) for t in group):
             norm = torch.nn.utils.get_total_norm(group, norm_type, foreach=foreach)
-            norm = norm.full_tensor() if isinstance(norm, _dtensor_type()) else norm
+            norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
         else:
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t, norm_type) for t in group]),
                                             norm_type)
@@ -113,7 +109,7 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
         if is_generator and not parameters:
             warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=3)
     grads = [g for g in _C.grads_of(parameters, check=False)[0] if g is not None]
-    DTensor = _dtensor_type()
+    DTensor = dtensor_type()
     if DTensor is not None and any(isinstance(g, DTensor) for g in grads):
         # FSDP2: torch's reduces the norm over the mesh and returns it as torch does (a DTensor).
         return torch.nn.utils.clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite, foreach)
@@ -130,7 +126,7 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
         groups.setdefault((g.device, g.dtype), []).append(g)
     for (device, _), group in groups.items():
         factor = coefficient.to(device=device, dtype=torch.float32)
-        if _fused_norm_applies(group, 2.0):
+        if _fused_ops_take(group):
             ops.fused_scale_(group, factor)  # one multi-tensor pass
         else:
             torch._foreach_mul_(group, factor)

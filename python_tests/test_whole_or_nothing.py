@@ -436,7 +436,7 @@ def test_meta_device_params_construct_and_fail_at_step_then_work_after_to_empty(
 # ---- 5. semantics: GradScaler grads, Sophia's cadence, NaN gradients -------------------------------
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 def test_grad_scaler_leaves_the_unscaled_grad_as_torch_fused_does(name, dtype):
     fused_cls, _, kwargs, _ = OPTIMIZERS[name]
     p = torch.nn.Parameter(torch.ones(4, 37, dtype=dtype))  # a vector body and a scalar tail

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "common/grad_norm_args.h"
+#include "common/opmath.h"
 #include "cpu/parallel.h"
 
 namespace dldna_fused {
@@ -39,11 +40,10 @@ at::Tensor fused_grad_norm_cpu(at::TensorList tensors, double norm_type,
 
   double total = 0.0;
   for (double partial : partials) {
-    if (call.kind != cpu::NormKind::Inf) {
-      total += partial;
-    } else if (partial > total || std::isnan(partial)) {
-      total = partial;
-    }
+    // An inf norm's partials are float maxima: OpMath's max keeps a NaN, as torch's norm does.
+    total = call.kind == cpu::NormKind::Inf
+                ? OpMath<float>::max(static_cast<float>(total), static_cast<float>(partial))
+                : total + partial;
   }
   double norm = call.kind == cpu::NormKind::L2 ? std::sqrt(total) : total;
   if (grad_scale.has_value()) {

@@ -545,8 +545,10 @@ inline void adafactor_apply_units(const AdafactorLaunch& launch, const Chunk* un
 template <typename T>
 double grad_norm_range(const T* x, int64_t begin, int64_t end, NormKind kind) {
   // Lanes accumulate in fp32 over at most kFlushElements, then flush into double (as AdaFactor's
-  // sums), so a 32768-element chunk keeps ~1e-7 relative accuracy.
-  const FloatVec zero(0.f);
+  // sums), so a 32768-element chunk keeps ~1e-7 relative accuracy. The inf norm uses OpMath's max,
+  // which lets NaN through as torch.linalg.vector_norm does.
+  using VecMath = OpMath<FloatVec>;
+  using Math = OpMath<float>;
   double total = 0.0;
   for (int64_t flush = begin; flush < end; flush += kFlushElements) {
     const int64_t stop = std::min(flush + kFlushElements, end);
@@ -560,9 +562,8 @@ double grad_norm_range(const T* x, int64_t begin, int64_t end, NormKind kind) {
         if (kind == NormKind::L2) {
           lanes = lanes + v[h] * v[h];
         } else {
-          const FloatVec a = v[h].abs();
-          // max that lets NaN through: blend a in where a > lanes or a is NaN.
-          lanes = kind == NormKind::L1 ? lanes + a : FloatVec::blendv(lanes, a, (a > lanes) | (a != a));
+          const FloatVec a = VecMath::abs(v[h]);
+          lanes = kind == NormKind::L1 ? lanes + a : VecMath::max(lanes, a);
         }
       }
     }
@@ -571,22 +572,18 @@ double grad_norm_range(const T* x, int64_t begin, int64_t end, NormKind kind) {
       if (kind == NormKind::L2) {
         tail += v * v;
       } else if (kind == NormKind::L1) {
-        tail += std::abs(v);
-      } else if (std::abs(v) > tail || v != v) {
-        tail = std::abs(v);
+        tail += Math::abs(v);
+      } else {
+        tail = Math::max(tail, Math::abs(v));
       }
     }
     if (kind == NormKind::Inf) {
       float lane_values[FloatVec::size()];
       lanes.store(lane_values);
       for (float lane : lane_values) {
-        if (lane > tail || lane != lane) {
-          tail = lane;
-        }
+        tail = Math::max(tail, lane);
       }
-      if (tail > total || tail != tail) {
-        total = tail;
-      }
+      total = Math::max(static_cast<float>(total), tail);  // partial maxima are floats
     } else {
       total += static_cast<double>(horizontal_sum(lanes)) + tail;
     }

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "common/grad_norm_args.h"
+#include "common/opmath.h"
 #include "cuda/multi_tensor_apply.cuh"
 
 namespace dldna_fused::cuda {
@@ -19,13 +20,9 @@ namespace {
 
 using cpu::NormKind;
 
-// max(|a|, |b|) that lets NaN through, as torch.linalg.vector_norm(inf) does.
-__device__ __forceinline__ float max_nan(float a, float b) {
-  return (b > a || b != b) ? b : a;
-}
-
+// OpMath's max lets NaN through, as torch.linalg.vector_norm(inf) does.
 __device__ __forceinline__ float combine(float a, float b, NormKind kind) {
-  return kind == NormKind::Inf ? max_nan(a, b) : a + b;
+  return kind == NormKind::Inf ? OpMath<float>::max(a, b) : a + b;
 }
 
 // Each block reduces its chunk: every thread a fixed stride of elements, then a fixed tree over
@@ -42,7 +39,7 @@ struct NormFunctor {
     float acc = 0.f;
     for (int64_t j = begin + threadIdx.x; j < end; j += blockDim.x) {
       const float v = static_cast<float>(x[j]);
-      acc = kind == NormKind::L2 ? acc + v * v : combine(acc, fabsf(v), kind);
+      acc = kind == NormKind::L2 ? acc + v * v : combine(acc, OpMath<float>::abs(v), kind);
     }
     shared[threadIdx.x] = acc;
     __syncthreads();
@@ -58,6 +55,11 @@ struct NormFunctor {
   }
 };
 
+// Sums in double; an inf norm's partials are float maxima, combined as floats.
+__device__ __forceinline__ double combine_partials(double a, double b, NormKind kind) {
+  return kind == NormKind::Inf ? OpMath<float>::max(static_cast<float>(a), static_cast<float>(b)) : a + b;
+}
+
 // One block: the partials in double, the root for L2, the division by the scale.
 __global__ void __launch_bounds__(kBlockSize)
     finalize_norm_kernel(const float* partials, int64_t count, NormKind kind,
@@ -66,14 +68,13 @@ __global__ void __launch_bounds__(kBlockSize)
   double acc = 0.0;
   for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
     const double v = partials[i];
-    acc = kind == NormKind::Inf ? ((v > acc || v != v) ? v : acc) : acc + v;
+    acc = combine_partials(acc, v, kind);
   }
   shared[threadIdx.x] = acc;
   __syncthreads();
   for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
     if (threadIdx.x < stride) {
-      const double a = shared[threadIdx.x], b = shared[threadIdx.x + stride];
-      shared[threadIdx.x] = kind == NormKind::Inf ? ((b > a || b != b) ? b : a) : a + b;
+      shared[threadIdx.x] = combine_partials(shared[threadIdx.x], shared[threadIdx.x + stride], kind);
     }
     __syncthreads();
   }

@@ -11,6 +11,7 @@ import torch
 from torch.optim import Optimizer
 
 from dldna_fused import _C, ops
+from dldna_fused._distributed import to_local
 from dldna_fused.clip import clip_coefficient, get_total_norm
 from dldna_fused._checks import (check_betas, check_hyperparameter, check_lr,  # noqa: F401 (re-exported)
                                  check_weight_decay, scalar)
@@ -89,24 +90,6 @@ def _packed_steps(device: torch.device, sources: list) -> list:
 # hold the local tensors (the shard's storage, so updates land in the DTensor). States stay
 # DTensors in self.state, which torch.distributed.checkpoint saves and loads by placement.
 # AdaFactor's statistics span whole rows, columns and tensors; see Adafactor._sharded_step.
-
-
-def dtensor_type():
-    """torch.distributed.tensor.DTensor, or None where torch.distributed is not built."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:
-        return None
-    return DTensor
-
-
-def to_local(tensors: list) -> list:
-    """``tensors`` with each DTensor replaced by its local shard (see [Note: sharded params])."""
-    DTensor = dtensor_type()
-    if DTensor is None or not any(isinstance(t, DTensor) for t in tensors):
-        return tensors
-    with torch.no_grad():
-        return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
 
 
 class _GroupLists:
@@ -301,11 +284,11 @@ class FusedOptimizer(Optimizer):
         positions = {id(p): i for i, p in enumerate(group["params"])}
         for _, _, lists in entries:
             params = lists[0][0]
-            for p in params:
-                if not ops.has_kernel(p.device.type):
-                    raise RuntimeError(
-                        f"{where}, params[{positions[id(p)]}]: no fused kernel for params on device '{p.device}' in "
-                        f"this build (have: cpu{', cuda' if ops.has_kernel('cuda') else ''})")
+            # A bucket's params share one device (its key), so one look answers for all.
+            if params and not ops.has_kernel(params[0].device.type):
+                raise RuntimeError(
+                    f"{where}, params[{positions[id(params[0])]}]: no fused kernel for params on device "
+                    f"'{params[0].device}' in this build (have: cpu{', cuda' if ops.has_kernel('cuda') else ''})")
             specs = [self._state_spec(group, p) for p in params]
             state_dtype = None
             for tensors, key in lists[1:]:

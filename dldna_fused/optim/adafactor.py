@@ -8,8 +8,8 @@ import torch
 
 from dldna_fused import ops
 from dldna_fused._closure import closure_loss
-from dldna_fused.optim._fused import (FusedOptimizer, _occurrences, _packable, _packed, _packed_steps,
-                                     dtensor_type, scalar)
+from dldna_fused._distributed import dtensor_type
+from dldna_fused.optim._fused import FusedOptimizer, _occurrences, _packable, _packed, _packed_steps, scalar
 from dldna_fused.reference.adafactor import check_adafactor_options
 
 
