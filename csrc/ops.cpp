@@ -72,6 +72,37 @@ TORCH_LIBRARY(dldna_fused, m) {
   // tensors *= factor (float32, one element, on their device; read there on CUDA), in place: the
   // scaling pass of clip_grad_norm_ as one multi-tensor launch.
   m.def("fused_scale_(Tensor(a!)[] tensors, Tensor factor) -> ()");
+
+  // Adam/AdamW and Lion with 8- or 4-bit states ([Note: blockwise quantized states] in
+  // common/quantization.h): each state is a contiguous uint8 tensor of codes (one per element at
+  // 8 bits, two per byte at 4) and a float32 absmax per block of block_size elements. The update
+  // rules are fused_adam_'s (without amsgrad) and fused_lion_'s.
+  m.def(
+      "fused_adam_lowbit_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
+      "Tensor(d!)[] exp_avg_absmaxes, Tensor(e!)[] exp_avg_sqs, Tensor(f!)[] exp_avg_sq_absmaxes, "
+      "Tensor(g!)[] state_steps, *, float lr, float beta1, float beta2, float weight_decay, "
+      "float eps, bool maximize, bool decoupled_weight_decay, int bits, int block_size, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? clip_coef=None) -> ()");
+  m.def(
+      "fused_adam_lowbit_.tensor_lr(Tensor(a!)[] params, Tensor(b!)[] grads, "
+      "Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_absmaxes, Tensor(e!)[] exp_avg_sqs, "
+      "Tensor(f!)[] exp_avg_sq_absmaxes, Tensor(g!)[] state_steps, *, Tensor lr, float beta1, "
+      "float beta2, float weight_decay, float eps, bool maximize, bool decoupled_weight_decay, "
+      "int bits, int block_size, Tensor? grad_scale=None, Tensor? found_inf=None, "
+      "Tensor? clip_coef=None) -> ()");
+  m.def(
+      "fused_lion_lowbit_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
+      "Tensor(d!)[] exp_avg_absmaxes, Tensor(e!)[] state_steps, *, float lr, float beta1, "
+      "float beta2, float weight_decay, bool maximize, int bits, int block_size, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? clip_coef=None) -> ()");
+  // The flattened input as codes and per-block absmax with the signed or unsigned map of `bits`,
+  // and back to float32 (numel elements; the codes alone cannot tell an odd count at 4 bits).
+  m.def(
+      "quantize_blockwise(Tensor input, *, int bits, bool signed, int block_size) "
+      "-> (Tensor codes, Tensor absmax)");
+  m.def(
+      "dequantize_blockwise(Tensor codes, Tensor absmax, *, int bits, bool signed, int block_size, "
+      "int numel) -> Tensor");
 }
 
 // The ops never record autograd history (the optimizers call them under no_grad, as torch.optim
@@ -87,4 +118,7 @@ TORCH_LIBRARY_IMPL(dldna_fused, Autograd, m) {
   m.impl("fused_adafactor_", torch::CppFunction::makeFallthrough());
   m.impl("fused_grad_norm", torch::CppFunction::makeFallthrough());
   m.impl("fused_scale_", torch::CppFunction::makeFallthrough());
+  m.impl("fused_adam_lowbit_", torch::CppFunction::makeFallthrough());
+  m.impl("fused_adam_lowbit_.tensor_lr", torch::CppFunction::makeFallthrough());
+  m.impl("fused_lion_lowbit_", torch::CppFunction::makeFallthrough());
 }

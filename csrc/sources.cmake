@@ -9,6 +9,8 @@ set(DLDNA_FUSED_SOURCES
     csrc/common/lion_sophia_args.cpp
     csrc/common/adafactor_args.cpp
     csrc/common/grad_norm_args.cpp
+    csrc/common/lowbit_args.cpp
+    csrc/common/quantization.cpp
     csrc/cpu/parallel.cpp
     csrc/cpu/kernels_default.cpp
     csrc/cpu/kernels_avx2.cpp
@@ -16,6 +18,7 @@ set(DLDNA_FUSED_SOURCES
     csrc/cpu/lion_sophia_cpu.cpp
     csrc/cpu/adafactor_cpu.cpp
     csrc/cpu/grad_norm_cpu.cpp
+    csrc/cpu/lowbit_cpu.cpp
 )
 
 # CUDA kernels: built whenever torch has CUDA and nvcc exists (see setup.py for the switches).
@@ -25,6 +28,7 @@ set(DLDNA_FUSED_CUDA_SOURCES
     csrc/cuda/lion_sophia_cuda.cu
     csrc/cuda/adafactor_cuda.cu
     csrc/cuda/grad_norm_cuda.cu
+    csrc/cuda/lowbit_cuda.cu
 )
 
 # The Python module dldna_fused._C (setup.py only; the CMake build is a plain shared library).

@@ -43,6 +43,9 @@ _sophia_hessian = _Op("fused_sophia_hessian_")
 _adafactor = _Op("fused_adafactor_")
 _grad_norm = _Op("fused_grad_norm")
 _scale = _Op("fused_scale_")
+_adam_lowbit = _Op("fused_adam_lowbit_")
+_adam_lowbit_tensor_lr = _Op("fused_adam_lowbit_", "tensor_lr")
+_lion_lowbit = _Op("fused_lion_lowbit_")
 
 
 def freeze(tensors: Sequence[torch.Tensor]):
@@ -240,6 +243,75 @@ def fused_scale_(tensors: Sequence[torch.Tensor], factor: torch.Tensor) -> None:
     _scale(tensors, factor)
 
 
+def fused_adam_lowbit_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_absmaxes: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    exp_avg_sq_absmaxes: Sequence[torch.Tensor],
+    state_steps: Sequence[torch.Tensor],
+    *,
+    lr: float | torch.Tensor,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+    bits: int,
+    block_size: int,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    clip_coef: torch.Tensor | None = None,
+) -> None:
+    """:func:`fused_adam_` (without amsgrad) with blockwise-quantized states: ``exp_avgs`` /
+    ``exp_avg_sqs`` are contiguous uint8 codes (one per element at 8 bits, two per byte at 4) and
+    the absmax lists float32, one per block of ``block_size`` elements (see
+    :func:`dldna_fused.quantization.quantize_blockwise`)."""
+    overload = _adam_lowbit_tensor_lr if isinstance(lr, torch.Tensor) else _adam_lowbit
+    overload(params, grads, exp_avgs, exp_avg_absmaxes, exp_avg_sqs, exp_avg_sq_absmaxes, state_steps,
+             lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, maximize=maximize,
+             decoupled_weight_decay=decoupled_weight_decay, bits=bits, block_size=block_size,
+             grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef)
+
+
+def fused_lion_lowbit_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_absmaxes: Sequence[torch.Tensor],
+    state_steps: Sequence[torch.Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    maximize: bool,
+    bits: int,
+    block_size: int,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    clip_coef: torch.Tensor | None = None,
+) -> None:
+    """:func:`fused_lion_` with a blockwise-quantized ``exp_avg`` (as in :func:`fused_adam_lowbit_`)."""
+    _lion_lowbit(params, grads, exp_avgs, exp_avg_absmaxes, state_steps, lr=lr, beta1=beta1, beta2=beta2,
+                 weight_decay=weight_decay, maximize=maximize, bits=bits, block_size=block_size,
+                 grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef)
+
+
+def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, *, bits: int, signed: bool,
+                         block_size: int, numel: int) -> torch.Tensor:
+    """float32 values (``numel``, flat) of blockwise codes; see dldna_fused.quantization."""
+    return torch.ops.dldna_fused.dequantize_blockwise(codes, absmax, bits=bits, signed=signed,
+                                                      block_size=block_size, numel=numel)
+
+
+def quantize_blockwise(x: torch.Tensor, *, bits: int, signed: bool, block_size: int):
+    """(uint8 codes, float32 absmax) of ``x`` flattened; see dldna_fused.quantization."""
+    return torch.ops.dldna_fused.quantize_blockwise(x, bits=bits, signed=signed, block_size=block_size)
+
+
 def _check_lists_fake(params, grads, *states):
     torch._check(len(grads) == len(params), lambda: "grads must have one tensor per param")
     for p, g in zip(params, grads):
@@ -290,3 +362,32 @@ def _fused_grad_norm_fake(tensors, norm_type, grad_scale=None):
 @torch.library.register_fake("dldna_fused::fused_scale_")
 def _fused_scale_fake(tensors, factor):
     torch._check(factor.numel() == 1, lambda: "factor must have one element")
+
+
+@torch.library.register_fake("dldna_fused::fused_adam_lowbit_")
+def _fused_adam_lowbit_fake(params, grads, exp_avgs, exp_avg_absmaxes, exp_avg_sqs, exp_avg_sq_absmaxes,
+                            state_steps, **_):
+    _check_lists_fake(params, grads, exp_avgs, exp_avg_absmaxes, exp_avg_sqs, exp_avg_sq_absmaxes, state_steps)
+
+
+@torch.library.register_fake("dldna_fused::fused_adam_lowbit_.tensor_lr")
+def _fused_adam_lowbit_tensor_lr_fake(params, grads, exp_avgs, exp_avg_absmaxes, exp_avg_sqs,
+                                      exp_avg_sq_absmaxes, state_steps, **_):
+    _check_lists_fake(params, grads, exp_avgs, exp_avg_absmaxes, exp_avg_sqs, exp_avg_sq_absmaxes, state_steps)
+
+
+@torch.library.register_fake("dldna_fused::fused_lion_lowbit_")
+def _fused_lion_lowbit_fake(params, grads, exp_avgs, exp_avg_absmaxes, state_steps, **_):
+    _check_lists_fake(params, grads, exp_avgs, exp_avg_absmaxes, state_steps)
+
+
+@torch.library.register_fake("dldna_fused::quantize_blockwise")
+def _quantize_blockwise_fake(input, *, bits, signed, block_size):
+    n = input.numel()
+    return (input.new_empty((n if bits == 8 else (n + 1) // 2,), dtype=torch.uint8),
+            input.new_empty((-(-n // block_size),), dtype=torch.float32))
+
+
+@torch.library.register_fake("dldna_fused::dequantize_blockwise")
+def _dequantize_blockwise_fake(codes, absmax, *, bits, signed, block_size, numel):
+    return absmax.new_empty((numel,), dtype=torch.float32)

@@ -4,16 +4,20 @@
 
 namespace dldna_fused {
 
+void check_adam_hyperparameters(const char* op, const AdamHyperparameters& hp) {
+  check_beta(op, "beta1", hp.beta1);
+  check_beta(op, "beta2", hp.beta2);
+  check_nonnegative(op, "weight_decay", hp.weight_decay);
+  check_nonnegative(op, "eps", hp.eps);
+}
+
 CallDtypes check_adam_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                            at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
                            at::TensorList state_steps, const AdamHyperparameters& hp,
                            const std::optional<at::Tensor>& grad_scale,
                            const std::optional<at::Tensor>& found_inf) {
   constexpr const char* op = "dldna_fused::fused_adam_";
-  check_beta(op, "beta1", hp.beta1);
-  check_beta(op, "beta2", hp.beta2);
-  check_nonnegative(op, "weight_decay", hp.weight_decay);
-  check_nonnegative(op, "eps", hp.eps);
+  check_adam_hyperparameters(op, hp);
   std::vector<NamedList> states{{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}};
   if (hp.amsgrad) {
     states.push_back({"max_exp_avg_sqs", max_exp_avg_sqs});

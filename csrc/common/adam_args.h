@@ -19,6 +19,9 @@ struct AdamHyperparameters {
   bool decoupled_weight_decay;
 };
 
+// betas, weight_decay and eps (the low-bit op checks the same).
+void check_adam_hyperparameters(const char* op, const AdamHyperparameters& hp);
+
 // Validates every argument of one fused_adam_ call except lr (a float or a tensor, checked by the
 // caller) and returns the dtypes it runs at.
 CallDtypes check_adam_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,

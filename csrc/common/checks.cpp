@@ -6,11 +6,11 @@
 
 namespace dldna_fused {
 
-namespace {
-
 bool is_supported_param_dtype(at::ScalarType dtype) {
   return dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf;
 }
+
+namespace {
 
 // Same dense memory order as `ref` (see [Note: dense layouts]).
 bool shares_dense_layout(const at::Tensor& t, const at::Tensor& ref) {

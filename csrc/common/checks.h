@@ -19,6 +19,9 @@ struct CallDtypes {
   at::ScalarType state;
 };
 
+// float32, bfloat16 or float16: the dtypes the kernels take.
+bool is_supported_param_dtype(at::ScalarType dtype);
+
 // A named tensor list of an op call, e.g. {"exp_avgs", exp_avgs}.
 struct NamedList {
   const char* name;

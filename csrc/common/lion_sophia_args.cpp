@@ -4,15 +4,19 @@
 
 namespace dldna_fused {
 
+void check_lion_hyperparameters(const char* op, double lr, double beta1, double beta2, double weight_decay) {
+  check_lr(op, lr);
+  check_beta(op, "beta1", beta1);
+  check_beta(op, "beta2", beta2);
+  check_nonnegative(op, "weight_decay", weight_decay);
+}
+
 CallDtypes check_lion_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                            at::TensorList state_steps, double lr, double beta1, double beta2,
                            double weight_decay, const std::optional<at::Tensor>& grad_scale,
                            const std::optional<at::Tensor>& found_inf) {
   constexpr const char* op = "dldna_fused::fused_lion_";
-  check_lr(op, lr);
-  check_beta(op, "beta1", beta1);
-  check_beta(op, "beta2", beta2);
-  check_nonnegative(op, "weight_decay", weight_decay);
+  check_lion_hyperparameters(op, lr, beta1, beta2, weight_decay);
   const CallDtypes dtypes = check_param_lists(op, params, grads, {{"exp_avgs", exp_avgs}});
   if (!params.empty()) {
     check_state_steps(op, state_steps, params.size(), params[0].device());

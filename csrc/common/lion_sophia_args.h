@@ -10,6 +10,9 @@
 
 namespace dldna_fused {
 
+// lr, betas and weight_decay of a Lion op (fused_lion_ and fused_lion_lowbit_).
+void check_lion_hyperparameters(const char* op, double lr, double beta1, double beta2, double weight_decay);
+
 // Validates every argument of one fused_lion_ call and returns the dtypes it runs at.
 CallDtypes check_lion_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                            at::TensorList state_steps, double lr, double beta1, double beta2,

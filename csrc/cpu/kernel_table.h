@@ -17,6 +17,7 @@
 #include "common/adafactor_math.h"
 #include "common/adam_math.h"
 #include "common/lion_math.h"
+#include "common/quantization.h"
 #include "common/sophia_math.h"
 
 namespace dldna_fused::cpu {
@@ -153,6 +154,77 @@ struct ScaleLaunch {
   void* const* tensors;
 };
 
+// [Note: nearest-code lookup]
+// The CPU finds a value's code (the rule in [Note: blockwise quantized states]) with one table
+// read instead of a binary search. y's magnitude, as float bits clamped below at 2^-24, is cut into
+// buckets by its exponent and top `23 - shift` mantissa bits; the table is built (quant_lut) with
+// enough mantissa bits that no bucket holds more than one midpoint of the map. An entry holds the
+// code at the bucket's low end (bits 20-31) and where in the bucket the midpoint lies, plus one
+// (bits 0-19; 2^shift + 1 when there is none), so code = base +/- (offset in bucket past the
+// midpoint). Positive magnitudes use entries [0, num_buckets), negative ones the next num_buckets,
+// where codes fall as the magnitude grows. The result equals the binary search over midpoints that
+// CUDA runs, for every float.
+struct QuantLut {
+  int shift;
+  int32_t num_buckets;     // per sign
+  const int32_t* entries;  // 2 * num_buckets
+  const float* values;     // the map
+  float low;               // -1 for a signed map, 0 for an unsigned one
+};
+// Float bits of 2^-24: smaller magnitudes share the first bucket (no map has a midpoint there).
+constexpr int32_t kQuantLowBits = (127 - 24) << 23;
+
+// Built once per map, on the host (cpu/quantization_cpu.cpp).
+const QuantLut& quant_lut(int bits, bool is_signed);
+
+// One quantized state of a tensor: its codes and per-block absmax ([Note: blockwise quantized
+// states] in common/quantization.h).
+struct QuantState {
+  uint8_t* codes;
+  float* absmax;
+};
+
+// One tensor of a low-bit Adam or Lion call (exp_avg_sq and adam are Adam's only).
+struct LowbitTensorArgs {
+  void* param;
+  void* grad;  // written only with unscale_grads
+  QuantState exp_avg;
+  QuantState exp_avg_sq;
+  AdamCoefficients adam;
+};
+
+// Chunks start at multiples of kChunkElements, a multiple of every block size, so a chunk is
+// whole blocks (and, at 4 bits, whole bytes) except at a tensor's end.
+struct LowbitLaunch {
+  Dtype param_dtype;
+  int bits;
+  int64_t block_size;
+  const QuantLut* exp_avg_lut;
+  const QuantLut* exp_avg_sq_lut;  // nullptr for Lion
+  LionCoefficients lion;           // Lion's constants (Adam's are per tensor)
+  const LowbitTensorArgs* tensors;
+  float unscale_grads;
+};
+
+// quantize_blockwise / dequantize_blockwise over one flat tensor; the chunks index its elements.
+struct QuantizeLaunch {
+  Dtype dtype;  // of `input`
+  int bits;
+  int64_t block_size;
+  const QuantLut* lut;
+  const void* input;
+  QuantState output;
+};
+
+struct DequantizeLaunch {
+  int bits;
+  int64_t block_size;
+  const float* values;  // the map
+  const uint8_t* codes;
+  const float* absmax;
+  float* output;
+};
+
 struct KernelTable {
   const char* name;
   void (*adam)(const AdamLaunch& launch, const Chunk* chunks, int64_t num_chunks);
@@ -165,6 +237,10 @@ struct KernelTable {
   void (*adafactor_apply)(const AdafactorLaunch& launch, const Chunk* units, int64_t num_units);
   void (*grad_norm)(const GradNormLaunch& launch, const Chunk* chunks, int64_t num_chunks);
   void (*scale)(const ScaleLaunch& launch, const Chunk* chunks, int64_t num_chunks);
+  void (*adam_lowbit)(const LowbitLaunch& launch, const Chunk* chunks, int64_t num_chunks);
+  void (*lion_lowbit)(const LowbitLaunch& launch, const Chunk* chunks, int64_t num_chunks);
+  void (*quantize)(const QuantizeLaunch& launch, const Chunk* chunks, int64_t num_chunks);
+  void (*dequantize)(const DequantizeLaunch& launch, const Chunk* chunks, int64_t num_chunks);
 };
 
 const KernelTable& kernels_default();

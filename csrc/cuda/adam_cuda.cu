@@ -9,6 +9,7 @@
 
 #include "common/adam_args.h"
 #include "common/adam_math.h"
+#include "cuda/device_lr.h"
 #include "cuda/multi_tensor_apply.cuh"
 
 namespace dldna_fused::cuda {
@@ -16,14 +17,7 @@ namespace {
 
 // Hyperparameters stay double until adam_coefficients rounds the derived constants once.
 struct AdamDeviceArgs {
-  double lr;
-  const float* lr_ptr;  // a tensor lr, read on the device; nullptr for a float lr
-  double beta1;
-  double beta2;
-  double weight_decay;
-  double eps;
-  bool maximize;
-  bool decoupled_weight_decay;
+  DeviceHyperparameters h;
   const float* grad_scale;  // nullptr without GradScaler
   const float* found_inf;
 };
@@ -51,9 +45,9 @@ struct AdamFunctor {
     // The counter is incremented after this launch (increment_state_steps), so step t is old + 1.
     const double step = static_cast<double>(*meta.state_steps[tensor]) + 1.0;
     const AdamCoefficients c = adam_coefficients(
-        a.lr_ptr != nullptr ? *a.lr_ptr : a.lr, a.beta1, a.beta2, a.weight_decay, a.eps, step,
-        a.grad_scale != nullptr ? 1.f / *a.grad_scale : 1.f, kAmsgrad, a.maximize,
-        a.decoupled_weight_decay);
+        a.h.learning_rate(), a.h.beta1, a.h.beta2, a.h.weight_decay, a.h.eps, step,
+        a.grad_scale != nullptr ? 1.f / *a.grad_scale : 1.f, kAmsgrad, a.h.maximize,
+        a.h.decoupled_weight_decay);
 
     int64_t i = begin;
     const bool aligned = is_pack_aligned<kIlp>(param + begin) && is_pack_aligned<kIlp>(grad + begin) &&
@@ -126,27 +120,9 @@ void fused_adam_cuda_impl(at::TensorList params, at::TensorList grads, at::Tenso
     return;
   }
   const c10::cuda::CUDAGuard device_guard(params[0].device());
-  at::Tensor lr_on_device;
+  const DeviceLr device_lr_value = device_lr(op, lr, lr_tensor, params[0].device());
   AdamDeviceArgs args{};
-  if (lr_tensor != nullptr) {
-    check_lr_tensor(op, *lr_tensor, params[0].device());
-    if (lr_tensor->is_cpu()) {
-      args.lr = lr_tensor->item<double>();
-      check_lr(op, args.lr);
-    } else {
-      lr_on_device = lr_tensor->to(at::kFloat);
-      args.lr_ptr = lr_on_device.const_data_ptr<float>();
-    }
-  } else {
-    check_lr(op, lr);
-    args.lr = lr;
-  }
-  args.beta1 = hp.beta1;
-  args.beta2 = hp.beta2;
-  args.weight_decay = hp.weight_decay;
-  args.eps = hp.eps;
-  args.maximize = hp.maximize;
-  args.decoupled_weight_decay = hp.decoupled_weight_decay;
+  args.h = device_hyperparameters(device_lr_value, hp);
   check_clip_coef(op, clip_coef, params[0].device());
   const std::optional<at::Tensor> divisor = gradient_divisor(grad_scale, clip_coef);
   args.grad_scale = divisor.has_value() ? divisor->const_data_ptr<float>() : nullptr;

@@ -1,0 +1,282 @@
+// The low-bit ops on the CPU: fused_adam_lowbit_, fused_lion_lowbit_, quantize_blockwise and
+// dequantize_blockwise (see [Note: blockwise quantized states] in common/quantization.h), and the
+// lookup tables of [Note: nearest-code lookup] in cpu/kernel_table.h.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <tuple>
+#include <vector>
+
+#include "common/adam_args.h"
+#include "common/adam_math.h"
+#include "common/lion_math.h"
+#include "common/lowbit_args.h"
+#include "common/quantization.h"
+#include "cpu/parallel.h"
+
+namespace dldna_fused {
+namespace cpu {
+namespace {
+
+float float_from_bits(int32_t bits) {
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+
+int32_t bits_of(float value) {
+  int32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  return bits;
+}
+
+struct LutStorage {
+  std::vector<int32_t> entries;
+  QuantLut lut;
+};
+
+// Fills the entries for `mantissa_bits`; false when some bucket would hold two midpoints.
+bool fill_lut(const QuantMap& map, int mantissa_bits, LutStorage& out) {
+  const int shift = 23 - mantissa_bits;
+  const int32_t buckets = (24 << mantissa_bits) + 1;  // the last one holds exactly 1.0
+  const int num_midpoints = map.num_codes - 1;
+  out.entries.assign(2 * static_cast<size_t>(buckets), 0);
+  for (int negative = 0; negative < 2; ++negative) {
+    for (int32_t b = 0; b < buckets; ++b) {
+      const int32_t start = kQuantLowBits + (b << shift);
+      // The bucket holds magnitudes [low, high); the first also everything below 2^-24.
+      const float low = b == 0 ? 0.f : float_from_bits(start);
+      const float high = float_from_bits(start + (1 << shift));
+      int32_t base = 0;
+      int inside = 0;
+      int32_t stored = (1 << shift) + 1;  // no midpoint
+      for (int i = 0; i < num_midpoints; ++i) {
+        const float mid = map.midpoints[i];
+        if (!negative) {
+          // code(y) = #{mid < y}: past a midpoint t in the bucket once y > t.
+          base += mid < low;
+          if (mid >= low && mid < high) {
+            ++inside;
+            stored = bits_of(mid) - start + 1;
+          }
+        } else {
+          // code(-m) = #{mid < -m}: a midpoint -t in the bucket drops out once m >= t.
+          base += mid < -low;
+          if (-mid > low && -mid < high) {
+            ++inside;
+            stored = bits_of(-mid) - start;
+          }
+        }
+      }
+      if (inside > 1) {
+        return false;
+      }
+      TORCH_INTERNAL_ASSERT(b > 0 || inside == 0, "a quantization midpoint below 2^-24");
+      out.entries[b + negative * buckets] = (base << 20) | stored;
+    }
+  }
+  out.lut = {shift, buckets, out.entries.data(), map.values, map.is_signed ? -1.f : 0.f};
+  return true;
+}
+
+LutStorage build_lut(const QuantMap& map) {
+  LutStorage storage;
+  // 4 mantissa bits at least, so that "no midpoint" (2^shift + 1) fits the entry's 20 bits.
+  for (int mantissa_bits = 4; mantissa_bits <= 12; ++mantissa_bits) {
+    if (fill_lut(map, mantissa_bits, storage)) {
+      return storage;
+    }
+  }
+  TORCH_INTERNAL_ASSERT(false, "no lookup table fits this quantization map");
+}
+
+}  // namespace
+
+const QuantLut& quant_lut(int bits, bool is_signed) {
+  static const LutStorage tables[2][2] = {{build_lut(quant_map(4, false)), build_lut(quant_map(4, true))},
+                                          {build_lut(quant_map(8, false)), build_lut(quant_map(8, true))}};
+  return tables[bits == 8][is_signed].lut;
+}
+
+}  // namespace cpu
+
+namespace {
+
+// The clip factor's check, then whether GradScaler found inf/nan (the step is skipped whole) or
+// there is nothing to do.
+bool skip_step(const char* op, at::TensorList params, const std::optional<at::Tensor>& grad_scale,
+               const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef) {
+  if (params.empty()) {
+    return true;
+  }
+  check_clip_coef(op, clip_coef, params[0].device());
+  return cpu::found_inf_set(found_inf);
+}
+
+// Codes follow the params' logical order, so non-contiguous params run on contiguous copies.
+DenseLayout param_layout(at::TensorList params, at::TensorList grads, bool store_grads) {
+  return DenseLayout({params, grads}, {true, store_grads}, /*contiguous=*/true);
+}
+
+// A launch with exp_avg's (signed) map; Adam adds exp_avg_sq's, Lion its coefficients.
+cpu::LowbitLaunch make_launch(at::ScalarType dtype, int64_t bits, int64_t block_size,
+                              const std::vector<cpu::LowbitTensorArgs>& args,
+                              const std::optional<at::Tensor>& grad_scale) {
+  cpu::LowbitLaunch launch{};
+  launch.param_dtype = kernel_dtype(dtype);
+  launch.bits = static_cast<int>(bits);
+  launch.block_size = block_size;
+  launch.exp_avg_lut = &cpu::quant_lut(static_cast<int>(bits), true);
+  launch.tensors = args.data();
+  launch.unscale_grads = cpu::unscale_factor(grad_scale);
+  return launch;
+}
+
+void fused_adam_lowbit_cpu_impl(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                                at::TensorList exp_avg_absmaxes, at::TensorList exp_avg_sqs,
+                                at::TensorList exp_avg_sq_absmaxes, at::TensorList state_steps,
+                                double lr, const AdamHyperparameters& hp, int64_t bits,
+                                int64_t block_size, const std::optional<at::Tensor>& grad_scale,
+                                const std::optional<at::Tensor>& found_inf,
+                                const std::optional<at::Tensor>& clip_coef) {
+  constexpr const char* op = "dldna_fused::fused_adam_lowbit_";
+  check_lr(op, lr);
+  const at::ScalarType dtype =
+      check_adam_lowbit_args(params, grads, exp_avgs, exp_avg_absmaxes, exp_avg_sqs, exp_avg_sq_absmaxes,
+                             state_steps, hp, bits, block_size, grad_scale, found_inf);
+  if (skip_step(op, params, grad_scale, found_inf, clip_coef)) {
+    return;
+  }
+  const float factor = cpu::gradient_factor(grad_scale, clip_coef);
+  const bool store_grads = grad_scale.has_value();  // [Note: unscaled grads] in cpu/kernel_table.h
+  DenseLayout layout = param_layout(params, grads, store_grads);
+  const size_t n = params.size();
+  std::vector<cpu::LowbitTensorArgs> args(n);
+  float coefficients_step = -1.f;
+  AdamCoefficients c{};
+  for (size_t i = 0; i < n; ++i) {
+    float* step = state_steps[i].data_ptr<float>();
+    *step += 1.f;
+    if (*step != coefficients_step) {
+      c = adam_coefficients(lr, hp.beta1, hp.beta2, hp.weight_decay, hp.eps, *step, factor, false,
+                            hp.maximize, hp.decoupled_weight_decay);
+      coefficients_step = *step;
+    }
+    args[i] = {layout.get(0, i).data_ptr(),
+               cpu::grad_pointer(layout.get(1, i), store_grads),
+               {exp_avgs[i].data_ptr<uint8_t>(), exp_avg_absmaxes[i].data_ptr<float>()},
+               {exp_avg_sqs[i].data_ptr<uint8_t>(), exp_avg_sq_absmaxes[i].data_ptr<float>()},
+               c};
+  }
+  cpu::LowbitLaunch launch = make_launch(dtype, bits, block_size, args, grad_scale);
+  launch.exp_avg_sq_lut = &cpu::quant_lut(static_cast<int>(bits), false);
+  cpu::parallel_over_chunks(cpu::make_chunks(params), cpu::cpu_kernels().adam_lowbit, launch);
+  layout.copy_back();
+}
+
+void fused_adam_lowbit_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                           at::TensorList exp_avg_absmaxes, at::TensorList exp_avg_sqs,
+                           at::TensorList exp_avg_sq_absmaxes, at::TensorList state_steps, double lr,
+                           double beta1, double beta2, double weight_decay, double eps,
+                           bool maximize, bool decoupled_weight_decay, int64_t bits,
+                           int64_t block_size, const std::optional<at::Tensor>& grad_scale,
+                           const std::optional<at::Tensor>& found_inf,
+                           const std::optional<at::Tensor>& clip_coef) {
+  fused_adam_lowbit_cpu_impl(params, grads, exp_avgs, exp_avg_absmaxes, exp_avg_sqs,
+                             exp_avg_sq_absmaxes, state_steps, lr,
+                             {beta1, beta2, weight_decay, eps, false, maximize, decoupled_weight_decay},
+                             bits, block_size, grad_scale, found_inf, clip_coef);
+}
+
+void fused_adam_lowbit_cpu_tensor_lr(
+    at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+    at::TensorList exp_avg_absmaxes, at::TensorList exp_avg_sqs, at::TensorList exp_avg_sq_absmaxes,
+    at::TensorList state_steps, const at::Tensor& lr, double beta1, double beta2,
+    double weight_decay, double eps, bool maximize, bool decoupled_weight_decay, int64_t bits,
+    int64_t block_size, const std::optional<at::Tensor>& grad_scale,
+    const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef) {
+  check_lr_tensor("dldna_fused::fused_adam_lowbit_", lr, at::kCPU);
+  fused_adam_lowbit_cpu(params, grads, exp_avgs, exp_avg_absmaxes, exp_avg_sqs, exp_avg_sq_absmaxes,
+                        state_steps, lr.item<double>(), beta1, beta2, weight_decay, eps, maximize,
+                        decoupled_weight_decay, bits, block_size, grad_scale, found_inf, clip_coef);
+}
+
+void fused_lion_lowbit_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                           at::TensorList exp_avg_absmaxes, at::TensorList state_steps, double lr,
+                           double beta1, double beta2, double weight_decay, bool maximize,
+                           int64_t bits, int64_t block_size,
+                           const std::optional<at::Tensor>& grad_scale,
+                           const std::optional<at::Tensor>& found_inf,
+                           const std::optional<at::Tensor>& clip_coef) {
+  const at::ScalarType dtype = check_lion_lowbit_args(params, grads, exp_avgs, exp_avg_absmaxes, state_steps, lr,
+                                                      beta1, beta2, weight_decay, bits, block_size, grad_scale,
+                                                      found_inf);
+  if (skip_step("dldna_fused::fused_lion_lowbit_", params, grad_scale, found_inf, clip_coef)) {
+    return;
+  }
+  const bool store_grads = grad_scale.has_value();
+  DenseLayout layout = param_layout(params, grads, store_grads);
+  const size_t n = params.size();
+  std::vector<cpu::LowbitTensorArgs> args(n);
+  for (size_t i = 0; i < n; ++i) {
+    *state_steps[i].data_ptr<float>() += 1.f;
+    args[i] = {layout.get(0, i).data_ptr(),
+               cpu::grad_pointer(layout.get(1, i), store_grads),
+               {exp_avgs[i].data_ptr<uint8_t>(), exp_avg_absmaxes[i].data_ptr<float>()},
+               {nullptr, nullptr},
+               {}};
+  }
+  cpu::LowbitLaunch launch = make_launch(dtype, bits, block_size, args, grad_scale);
+  launch.lion = lion_coefficients(lr, beta1, beta2, weight_decay,
+                                  cpu::gradient_factor(grad_scale, clip_coef), maximize);
+  cpu::parallel_over_chunks(cpu::make_chunks(params), cpu::cpu_kernels().lion_lowbit, launch);
+  layout.copy_back();
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu(const at::Tensor& input, int64_t bits,
+                                                          bool is_signed, int64_t block_size) {
+  constexpr const char* op = "dldna_fused::quantize_blockwise";
+  check_quantization(op, bits, block_size);
+  TORCH_CHECK(is_supported_param_dtype(input.scalar_type()), op,
+              ": input must be float32, bfloat16 or float16, got ", input.scalar_type());
+  const at::Tensor flat = input.contiguous();
+  const int64_t numel = flat.numel();
+  at::Tensor codes = at::empty({code_bytes(numel, static_cast<int>(bits))}, input.options().dtype(at::kByte));
+  at::Tensor absmax = at::empty({num_blocks(numel, block_size)}, input.options().dtype(at::kFloat));
+  const cpu::QuantizeLaunch launch{kernel_dtype(flat.scalar_type()),
+                                   static_cast<int>(bits),
+                                   block_size,
+                                   &cpu::quant_lut(static_cast<int>(bits), is_signed),
+                                   flat.const_data_ptr(),
+                                   {codes.data_ptr<uint8_t>(), absmax.data_ptr<float>()}};
+  cpu::parallel_over_chunks(cpu::make_chunks({flat}), cpu::cpu_kernels().quantize, launch);
+  return {codes, absmax};
+}
+
+at::Tensor dequantize_blockwise_cpu(const at::Tensor& codes, const at::Tensor& absmax, int64_t bits,
+                                    bool is_signed, int64_t block_size, int64_t numel) {
+  check_quantized("dldna_fused::dequantize_blockwise", codes, absmax, numel, bits, block_size);
+  at::Tensor output = at::empty({numel}, absmax.options());
+  const cpu::DequantizeLaunch launch{static_cast<int>(bits), block_size,
+                                     quant_map(static_cast<int>(bits), is_signed).values,
+                                     codes.const_data_ptr<uint8_t>(), absmax.const_data_ptr<float>(),
+                                     output.data_ptr<float>()};
+  cpu::parallel_over_chunks(cpu::make_chunks({output}), cpu::cpu_kernels().dequantize, launch);
+  return output;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dldna_fused, CPU, m) {
+  m.impl("fused_adam_lowbit_", &fused_adam_lowbit_cpu);
+  m.impl("fused_adam_lowbit_.tensor_lr", &fused_adam_lowbit_cpu_tensor_lr);
+  m.impl("fused_lion_lowbit_", &fused_lion_lowbit_cpu);
+  m.impl("quantize_blockwise", &quantize_blockwise_cpu);
+  m.impl("dequantize_blockwise", &dequantize_blockwise_cpu);
+}
+
+}  // namespace dldna_fused
