@@ -25,6 +25,10 @@ OPTIMIZERS = {
     "sophia": (optim.Sophia, dict(lr=1e-2, rho=0.05, k=2)),
     "adafactor": (optim.Adafactor, dict(beta1=0.9, weight_decay=0.01)),
 }
+# Low-bit states, every param quantized (the model is tiny); under FSDP2 the blocks are the local
+# shard's, so only DDP and ZeRO reproduce a single process exactly.
+LOWBIT = {"adamw8bit": (optim.AdamW8bit, dict(lr=1e-2, weight_decay=0.1, min_8bit_size=0, block_size=64))}
+ALL = {**OPTIMIZERS, **LOWBIT}
 
 
 class Net(nn.Module):
@@ -70,7 +74,7 @@ def train(model, opt, data, hessian_opt=None):
 
 
 def single_process(name: str):
-    cls, kwargs = OPTIMIZERS[name]
+    cls, kwargs = ALL[name]
     model = make_model()
     opt = cls(model.parameters(), **kwargs)
     train(model, opt, batches(), opt if name == "sophia" else None)
@@ -85,7 +89,7 @@ def local_half(data, rank: int, world: int):
 def run_ddp(name, rank, world):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    cls, kwargs = OPTIMIZERS[name]
+    cls, kwargs = ALL[name]
     model = DDP(make_model())
     opt = cls(model.parameters(), **kwargs)
     train(model, opt, local_half(batches(), rank, world), opt if name == "sophia" else None)
@@ -97,7 +101,7 @@ def run_zero(name, rank, world):
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    cls, kwargs = OPTIMIZERS[name]
+    cls, kwargs = ALL[name]
     model = DDP(make_model())
     opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=cls, **kwargs)
     train(model, opt, local_half(batches(), rank, world), opt.optim if name == "sophia" else None)
@@ -130,7 +134,7 @@ def full(t):
 
 
 def run_fsdp(name, rank, world):
-    cls, kwargs = OPTIMIZERS[name]
+    cls, kwargs = ALL[name]
     model = shard(make_model(), world)
     opt = cls(model.parameters(), **kwargs)
     train(model, opt, local_half(batches(), rank, world), opt if name == "sophia" else None)
@@ -229,7 +233,7 @@ def worker(rank: int, world: int, folder: str):
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
     try:
         results = {}
-        for name in OPTIMIZERS:
+        for name in ALL:
             results[("ddp", name)] = run_ddp(name, rank, world)
             results[("zero", name)] = run_zero(name, rank, world)
             results[("fsdp", name)] = run_fsdp(name, rank, world)

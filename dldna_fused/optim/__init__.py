@@ -3,6 +3,8 @@
 from dldna_fused.optim.adafactor import Adafactor
 from dldna_fused.optim.adam import Adam, AdamW
 from dldna_fused.optim.lion import Lion
+from dldna_fused.optim.lowbit import Adam8bit, AdamW4bit, AdamW8bit, Lion8bit
 from dldna_fused.optim.sophia import Sophia, gnb_loss
 
-__all__ = ["Adafactor", "Adam", "AdamW", "Lion", "Sophia", "gnb_loss"]
+__all__ = ["Adafactor", "Adam", "Adam8bit", "AdamW", "AdamW4bit", "AdamW8bit", "Lion", "Lion8bit", "Sophia",
+           "gnb_loss"]

@@ -314,16 +314,22 @@ class FusedOptimizer(Optimizer):
                         raise ValueError(f"{label} has dtype {t.dtype}; the states of one (device, dtype) "
                                          f"bucket must all be {expected}")
                     state_dtype = t.dtype
-            # What the kernels write: the local shards of DTensors.
-            overlap = _C.find_overlap(to_local([t for tensors, key in lists if key != "step" for t in tensors]))
-            if overlap is not None:
-                labels = [(positions[id(p)], key or "param") for tensors, key in lists if key != "step"
-                          for p, _ in zip(params, tensors)]
-                (i, a), (j, b) = labels[overlap[0]], labels[overlap[1]]
-                what = (f"params[{i}] overlaps itself in memory (an expanded view)" if overlap[0] == overlap[1]
-                        else f"{a} of params[{i}] and {b} of params[{j}] share memory")
-                raise RuntimeError(f"{where}: {what}; one fused step would update the shared elements "
-                                   "concurrently. Give each param (and state) its own storage, e.g. with .clone()")
+            self._check_overlap(where, positions, params, lists)
+
+    @staticmethod
+    def _check_overlap(where: str, positions: dict, params: list, lists: list) -> None:
+        """Raises when two tensors one op call writes (``lists``, [(tensors, key)], params first)
+        share memory, naming both."""
+        # What the kernels write: the local shards of DTensors.
+        overlap = _C.find_overlap(to_local([t for tensors, key in lists if key != "step" for t in tensors]))
+        if overlap is not None:
+            labels = [(positions[id(p)], key or "param") for tensors, key in lists if key != "step"
+                      for p, _ in zip(params, tensors)]
+            (i, a), (j, b) = labels[overlap[0]], labels[overlap[1]]
+            what = (f"params[{i}] overlaps itself in memory (an expanded view)" if overlap[0] == overlap[1]
+                    else f"{a} of params[{i}] and {b} of params[{j}] share memory")
+            raise RuntimeError(f"{where}: {what}; one fused step would update the shared elements "
+                               "concurrently. Give each param (and state) its own storage, e.g. with .clone()")
 
     # States of every dtype are float32 (AdaFactor), or the param's dtype or float32 (the rest).
     _fp32_states_only = False
@@ -525,8 +531,9 @@ class FusedOptimizer(Optimizer):
                     state = self.state.get(p)
                     if not state:
                         continue
-                    self._check_loaded_state(f"{name}.load_state_dict: param group {index}, params[{i}]",
-                                             group, p, state)
+                    where = f"{name}.load_state_dict: param group {index}, params[{i}]"
+                    self._convert_loaded_state(where, group, p, state, originals[p] or {})
+                    self._check_loaded_state(where, group, p, state)
                     state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(p.device).reshape(())
                     for key in fp32_keys:
                         if key in state:
@@ -538,6 +545,17 @@ class FusedOptimizer(Optimizer):
             raise
         finally:
             self._invalidate_lists()
+
+    def _convert_loaded_state(self, where: str, group: dict, p: torch.Tensor, state: dict, saved: dict) -> None:
+        """Brings a loaded state into this optimizer's form before it is checked; ``saved`` is the
+        state as in the state_dict (before torch.optim cast it). Here: quantized states of a
+        low-bit optimizer (``<key>_codes``/``<key>_absmax``, see dldna_fused.optim.lowbit) are
+        dequantized, so a run can move from AdamW8bit back to AdamW."""
+        for key in self._state_keys:
+            if key not in state and f"{key}_codes" in state:
+                value = dequantize_state(where, group, p, saved, key)
+                state[key] = value.to(self._state_dtype(group, p))
+                del state[f"{key}_codes"], state[f"{key}_absmax"]
 
     def _check_loaded_state(self, where: str, group: dict, p: torch.Tensor, state: dict) -> None:
         """Raises naming the entry unless ``state`` holds every state ``_state_spec`` asks for, with
@@ -580,6 +598,27 @@ class FusedOptimizer(Optimizer):
                 for t in (grad_scale, found_inf)
             )
         return cache[device]
+
+
+# The map each quantized state uses ([Note: blockwise quantized states] in csrc/common/quantization.h).
+SIGNED_STATES = {"exp_avg": True, "exp_avg_sq": False}
+
+
+def dequantize_state(where: str, group: dict, p: torch.Tensor, saved: dict, key: str) -> torch.Tensor:
+    """The float32 tensor (p's shape, on its device) of quantized state ``key`` in ``saved``, with
+    the bits and block_size of ``group`` (a low-bit optimizer's saved group)."""
+    if "bits" not in group or "block_size" not in group:
+        raise ValueError(f"{where}: state '{key}' is quantized but the param group has no 'bits'/'block_size' "
+                         "to read it with")
+    codes, absmax = saved[f"{key}_codes"], saved[f"{key}_absmax"]
+    local = to_local([p])[0]
+    try:
+        flat = ops.dequantize_blockwise(codes.to(local.device), absmax.to(local.device, torch.float32),
+                                        bits=group["bits"], signed=SIGNED_STATES[key],
+                                        block_size=group["block_size"], numel=local.numel())
+    except RuntimeError as error:
+        raise ValueError(f"{where}: quantized state '{key}' does not fit the param: {error}") from None
+    return flat.view(local.shape)
 
 
 def _occurrences(params: list) -> list:
