@@ -27,5 +27,11 @@ echo "bench exit $?" | tee -a "$out/summary.txt"
 # Gradient clipping: the fused norm/scale ops and max_grad_norm folded into the step.
 "$py" -m dldna_fused bench --device cuda --optimizer adamw --clip --no-progress --json "$out/bench_clip.json" >> "$out/bench.txt" 2>&1
 echo "clip bench exit $?" | tee -a "$out/summary.txt"
+# 8-bit and 4-bit states (the CUDA parity tests against the CPU are in tests.log: test_lowbit.py).
+"$py" -m dldna_fused bench --device cuda --optimizer adamw8bit,adamw4bit,lion8bit --no-progress --json "$out/bench_lowbit.json" >> "$out/bench.txt" 2>&1
+echo "low-bit bench exit $?" | tee -a "$out/summary.txt"
+# AdaFactor at LLaMA-7B shapes (bf16): the step's peak workspace from the allocator, and its time.
+"$py" benchmarks/adafactor_memory.py --device cuda --dtype bfloat16 > "$out/adafactor_memory.txt" 2>&1
+echo "adafactor memory exit $?: $(tail -2 "$out/adafactor_memory.txt" | tr '\n' ' ')" | tee -a "$out/summary.txt"
 cat "$out/bench.txt"
 grep -E "FAILED|Error" "$out/tests.log" | head -20

@@ -52,7 +52,7 @@ class Row:
 class Benchmark:
     title: str
     default_shapes: str
-    bytes_per_element: int  # elements of the param dtype read plus written per step
+    bytes_per_element: float  # elements of the param dtype read plus written per step (bytes / its size)
     implementations: dict  # name -> factory(params)
     pure_pytorch: tuple  # names that count as pure PyTorch (baseline candidates)
     baseline: str | None = None  # fixed baseline; None: the fastest pure-PyTorch row
@@ -72,6 +72,44 @@ def _transformers_adafactor():
     except ImportError:
         return {}
     return {"transformers": lambda ps: Adafactor(ps)}
+
+
+def _bitsandbytes(name: str):
+    """bitsandbytes' optimizer ``name`` as a bench row, where bitsandbytes is installed."""
+    try:
+        import bitsandbytes
+    except ImportError:
+        return {}
+    cls = getattr(bitsandbytes.optim, name)
+    kwargs = {"lr": 1e-4, "weight_decay": 0.1} if name.startswith("Lion") else {"lr": 1e-3}
+    return {"bitsandbytes": lambda ps: cls(ps, **kwargs)}
+
+
+def _torchao(name: str):
+    try:
+        from torchao import optim as torchao_optim
+    except ImportError:
+        return {}
+    cls = getattr(torchao_optim, name)
+    return {"torchao": lambda ps: cls(ps, lr=1e-3)}
+
+
+# The libraries with a low-bit version of each optimizer (rows only where installed).
+PEER_LIBRARIES = {"adamw8bit": ("bitsandbytes", "torchao"), "adamw4bit": ("torchao",), "lion8bit": ("bitsandbytes",)}
+
+
+def _lowbit(title: str, bytes_per_element: float, ours, fp32, peers: dict) -> Benchmark:
+    """A low-bit optimizer against our fp32 one (the baseline) and the libraries that have it. "all
+    quantized" sets min_8bit_size=0, so that params below the default 4096 elements are quantized too."""
+    return Benchmark(
+        title, "1x20000000,2000x2000", bytes_per_element,
+        {
+            "dldna_fused": ours,
+            "dldna_fused all quantized": lambda ps: ours(ps, min_8bit_size=0),
+            "dldna_fused fp32": fp32,
+            **peers,
+        },
+        (), baseline="dldna_fused fp32")
 
 
 def benchmarks() -> dict:
@@ -100,6 +138,17 @@ def benchmarks() -> dict:
                 "reference": lambda ps: reference.Lion(ps, lr=1e-4, weight_decay=0.1),
             },
             ("torch foreach", "lion_pytorch", "reference")),
+        # Low-bit states move p (read, write) and g as 3 fp32 elements, plus 1 (8-bit) or 0.5 (4-bit)
+        # bytes per element and state, read and written.
+        "adamw8bit": _lowbit("AdamW step, 8-bit states", 4,
+                             lambda ps, **kw: optim.AdamW8bit(ps, lr=1e-3, **kw), lambda ps: optim.AdamW(ps, lr=1e-3),
+                             {**_bitsandbytes("AdamW8bit"), **_torchao("AdamW8bit")}),
+        "adamw4bit": _lowbit("AdamW step, 4-bit states", 3.5,
+                             lambda ps, **kw: optim.AdamW4bit(ps, lr=1e-3, **kw), lambda ps: optim.AdamW(ps, lr=1e-3),
+                             _torchao("AdamW4bit")),
+        "lion8bit": _lowbit("Lion step, 8-bit state", 3.5,
+                            lambda ps, **kw: optim.Lion8bit(ps, lr=1e-4, weight_decay=0.1, **kw),
+                            lambda ps: optim.Lion(ps, lr=1e-4, weight_decay=0.1), _bitsandbytes("Lion8bit")),
         "sophia": Benchmark(
             "Sophia step", "1x20000000,2000x10000", 6,
             {
@@ -192,11 +241,21 @@ def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
     """Bytes of memory the optimizer's state tensors occupy (shared buffers counted once)."""
     storages = {}
     for state in opt.state.values():
-        for t in state.values():
-            if torch.is_tensor(t):
-                storage = t.untyped_storage()
-                storages[(t.device, storage.data_ptr())] = storage.nbytes()
+        for value in state.values():
+            if torch.is_tensor(value):
+                for t in _plain_tensors(value):
+                    storage = t.untyped_storage()
+                    storages[(t.device, storage.data_ptr())] = storage.nbytes()
     return sum(storages.values())
+
+
+def _plain_tensors(t: torch.Tensor):
+    """The tensors that hold a tensor subclass's data (torchao's quantized states, DTensor), or t."""
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+        for name in t.__tensor_flatten__()[0]:
+            yield from _plain_tensors(getattr(t, name))
+    else:
+        yield t
 
 
 def copy_bandwidth(numel: int, dtype: torch.dtype, device: str, warmup: int, repeats: int) -> float:
@@ -273,15 +332,16 @@ def run(bench: Benchmark, optimizer_name: str, shapes, dtype: torch.dtype, devic
 
 
 def format_table(rows: list[Row]) -> str:
-    header = (f"{'shape':<18}{'implementation':<16}{'median ms':>11}{'x base':>8}{'GB/s':>8}{'copy GB/s':>11}"
+    width = max([16] + [len(r.implementation) + 2 for r in rows])  # the implementation column
+    header = (f"{'shape':<18}{'implementation':<{width}}{'median ms':>11}{'x base':>8}{'GB/s':>8}{'copy GB/s':>11}"
               f"{'state MB':>10}  baseline")
     lines = [header, "-" * len(header)]
     for r in rows:
         if r.error is not None:
-            lines.append(f"{r.shape:<18}{r.implementation:<16}  failed: {r.error[:80]}")
+            lines.append(f"{r.shape:<18}{r.implementation:<{width}}  failed: {r.error[:80]}")
             continue
         x = f"{r.speedup:.2f}" if r.speedup is not None else "-"
-        lines.append(f"{r.shape:<18}{r.implementation:<16}{r.median_ms:>11.2f}{x:>8}{r.effective_gbps:>8.1f}"
+        lines.append(f"{r.shape:<18}{r.implementation:<{width}}{r.median_ms:>11.2f}{x:>8}{r.effective_gbps:>8.1f}"
                      f"{r.copy_gbps:>11.1f}{r.state_bytes / 2**20:>10.3f}  {r.baseline or '-'}")
     return "\n".join(lines)
 
@@ -340,6 +400,10 @@ def main(args: argparse.Namespace) -> int:
                      args.implementations, progress=not args.no_progress)
         print(f"{bench.title}, {args.dtype}, {machine_description(args.device)}")
         print(format_table(result))
+        if name in PEER_LIBRARIES:
+            missing = [lib for lib in PEER_LIBRARIES[name] if lib not in bench.implementations]
+            if missing:
+                print(f"(no {' or '.join(missing)} rows: not installed; they are optional, see README)")
         print()
         rows += result
     if args.json:

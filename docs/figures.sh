@@ -17,6 +17,7 @@ run() { echo "\$ dldna-fused $*"; "$py" -m dldna_fused "$@" --no-progress; echo;
   run compare --dataset digits --model mlp --optimizers sgd,adam,lion,sophia,adafactor --epochs 5 --out "$out/compare"
   run init --dataset digits --out "$out/init"
   run landscape --extras all --out "$out/landscape"
+  echo "\$ python benchmarks/lowbit_quality.py"; "$py" benchmarks/lowbit_quality.py --out "$out/lowbit"
 } 2>&1 | tee "$out/figures.log"
 cp "$out/compare/curves_test.png" docs/images/compare_digits_mlp_test.png
 cp "$out/init/variance.png" docs/images/init_variance_digits.png
@@ -24,4 +25,5 @@ for f in surface_hessian_contour surface_hessian_3d surface_random_contour surfa
          weight_space_pca weight_space_tsne gaussian_fit optimizer_paths multiscale persistence dynamics; do
   cp "$out/landscape/$f.png" "docs/images/landscape_$f.png"
 done
+cp "$out/lowbit/lowbit_quality.png" docs/images/lowbit_quality.png
 echo "figures copied to docs/images; numbers in $out/figures.log"

@@ -13,7 +13,7 @@ from dldna_fused import bench
 def test_bench_runs_every_optimizer_and_picks_its_baseline(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
-    args = parser.parse_args(["--optimizer", "adamw,lion,sophia,adafactor,adamw-clip,clip", "--shapes", "3x20x25,1x0",
+    args = parser.parse_args(["--optimizer", ",".join(bench.benchmarks()), "--shapes", "3x20x25,1x0",
                               "--warmup", "1",
                               "--repeats", "3", "--device", "cpu", "--no-progress",
                               "--json", str(tmp_path / "rows.json"), "--csv", str(tmp_path / "rows.csv")])
@@ -51,3 +51,15 @@ def test_clip_flag_times_the_clipping_tables(capsys):
     assert "dldna folded" in out and "torch clip+fused" in out
     with pytest.raises(SystemExit, match="no clipping benchmark for lion"):
         bench.main(parser.parse_args(["--optimizer", "lion", "--clip"]))
+
+
+def test_adafactor_memory_script_runs_on_a_small_list():
+    # benchmarks/adafactor_memory.py is what gpu_check.sh runs at LLaMA-7B shapes; here on the CPU.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "adafactor_memory.py"
+    out = subprocess.run([sys.executable, str(script), "--device", "cpu", "--dtype", "float32", "--shrink", "32",
+                          "--layers", "1"], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("12 tensors,")
