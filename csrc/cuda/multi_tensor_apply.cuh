@@ -8,8 +8,11 @@
 // (tensor, chunk). Lists that need more tensors or blocks than one launch holds are split over
 // several launches; a tensor cut between two launches continues in the next one. Zero-size tensors
 // take no block and no slot. Sizes and offsets are 64-bit, so tensors over 2^31 elements work.
-// CUDA 12.1 raised the kernel-argument limit from 4 KiB to 32 KiB on every architecture CUDA 13
-// supports; we use about 17 KiB, which cuts the launches of a 2000-tensor step from ~7 to ~2.
+// CUDA 12.1 raised the kernel-argument limit from 4 KiB to 32764 bytes on every architecture CUDA
+// 13 supports. The tensor slots take what the block map and the functor's own arguments leave
+// (kFunctorArgBytes; the low-bit maps are the largest at ~4.2 KiB): 447 tensors per Adam launch,
+// so a 2000-tensor step takes 5 launches instead of 10. multi_tensor_apply checks the total at
+// compile time.
 // The launcher never reads device memory on the host, so a step can be captured in a CUDA graph.
 
 #include <ATen/core/Tensor.h>
@@ -30,10 +33,15 @@ constexpr int kBlockSize = 512;
 constexpr int64_t kChunkSize = 65536;
 constexpr int kMaxBlocks = 1024;
 
+constexpr int kMaxKernelArgBytes = 32764;
+constexpr int kFunctorArgBytes = 5 * 1024;
+
 template <int kDepth>
 struct TensorListMetadata {
-  // ~10 KiB of tensor slots whatever the depth.
-  static constexpr int kMaxTensors = 10240 / (8 * kDepth + 16);
+  // The block map and block_offset, then one slot per tensor: kDepth addresses, numel, step.
+  static constexpr int kFixedBytes = kMaxBlocks * (sizeof(uint16_t) + sizeof(int32_t)) + sizeof(int64_t);
+  static constexpr int kMaxTensors =
+      (kMaxKernelArgBytes - kFunctorArgBytes - kFixedBytes) / (8 * kDepth + 16);
   void* addresses[kDepth][kMaxTensors];
   int64_t numel[kMaxTensors];
   float* state_steps[kMaxTensors];  // nullptr for optimizers without step counters
@@ -43,7 +51,7 @@ struct TensorListMetadata {
   // all tensors in order (reductions write one partial per chunk there).
   int64_t block_offset;
 };
-static_assert(sizeof(TensorListMetadata<6>) < 20 * 1024);
+static_assert(TensorListMetadata<6>::kMaxTensors < 65536, "block_to_tensor is 16-bit");
 
 template <typename Metadata, typename Functor, typename... Args>
 __global__ void __launch_bounds__(kBlockSize)
@@ -59,6 +67,8 @@ void multi_tensor_apply(const std::vector<std::vector<at::Tensor>>& lists,
                         const std::vector<at::Tensor>& state_steps, Functor functor, Args... args) {
   TORCH_INTERNAL_ASSERT(lists.size() == kDepth);
   using Metadata = TensorListMetadata<kDepth>;
+  static_assert(sizeof(Metadata) + sizeof(Functor) + (sizeof(Args) + ... + 0) <= kMaxKernelArgBytes,
+                "kernel arguments over CUDA's 32764-byte limit: raise kFunctorArgBytes");
   const size_t n = lists[0].size();
   size_t last = n;  // the last non-empty tensor: its final chunk closes the last launch
   for (size_t i = 0; i < n; ++i) {
