@@ -240,6 +240,33 @@ def test_hutchinson_under_a_grad_scaler_divides_the_scale_out():
     assert torch.allclose(hessians[0], hessians[1])
 
 
+@pytest.mark.parametrize("estimator", ["gnb", "hutchinson"])
+def test_update_hessian_reads_the_scale_as_a_tensor(monkeypatch, estimator):
+    # get_scale() returns a Python float: on CUDA a host sync. update_hessian must not call it once
+    # the scaler holds its scale as a tensor.
+    x = torch.nn.Parameter(torch.tensor([1.0, -1.0]))
+    opt = optim.Sophia([x], estimator=estimator, seed=3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    loss = scaler.scale((x * x).sum())
+    monkeypatch.setattr(scaler, "get_scale", lambda: pytest.fail("update_hessian read the scale on the host"))
+    loss.backward(create_graph=estimator == "hutchinson")
+    opt.update_hessian(scaler=scaler)
+    assert opt.state[x]["hessian"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_hutchinson_draws_on_the_params_device_and_follows_the_seed(device):
+    hessians = []
+    for _ in range(2):
+        x = torch.nn.Parameter(torch.randn(64, generator=torch.Generator().manual_seed(0)).to(device))
+        opt = optim.Sophia([x], betas=(0.9, 0.0), estimator="hutchinson", seed=11)
+        (x.pow(3).sum()).backward(create_graph=True)
+        opt.update_hessian()
+        hessians.append(opt.state[x]["hessian"].clone())
+        assert list(opt._generators) == [x.device]
+    assert torch.equal(hessians[0], hessians[1])
+
+
 def test_hutchinson_without_a_graph_says_what_to_do():
     p = torch.nn.Parameter(torch.randn(3))
     opt = optim.Sophia([p], estimator="hutchinson")

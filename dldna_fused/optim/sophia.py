@@ -82,7 +82,8 @@ class Sophia(FusedOptimizer):
                         estimator=estimator, bs=bs, maximize=maximize)
         super().__init__(params, defaults, foreach=None, differentiable=False, fused=None,
                          state_dtype=state_dtype, max_grad_norm=max_grad_norm)
-        self._generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self._seed = seed
+        self._generators: dict = {}  # device -> torch.Generator on it, seeded with `seed`
         self._steps_since_hessian = 0
         self._pending_found_inf: list = []  # GradScaler's found_inf of steps counted above
         self._unclipped: list = []  # (count tensor, coordinates) of the last step
@@ -102,7 +103,9 @@ class Sophia(FusedOptimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        self.__dict__.setdefault("_generator", None)
+        self.__dict__.pop("_generator", None)  # a CPU generator pickled by an older version
+        self.__dict__.setdefault("_seed", None)
+        self.__dict__.setdefault("_generators", {})
         self.__dict__.setdefault("_steps_since_hessian", 0)
         self.__dict__.setdefault("_pending_found_inf", [])
         self.__dict__.setdefault("_unclipped", [])
@@ -219,7 +222,7 @@ class Sophia(FusedOptimizer):
             found_inf = None
             if scaler is not None and scaler.is_enabled():
                 found_inf = torch.zeros(1, dtype=torch.float32, device=device)
-                inv_scale = torch.full((1,), 1.0 / scaler.get_scale(), dtype=torch.float32, device=device)
+                inv_scale = _inverse_scale(scaler, device)
                 if group["estimator"] == "gnb":
                     torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
                 else:
@@ -237,12 +240,30 @@ class Sophia(FusedOptimizer):
         self._steps_since_hessian = 0
         self._pending_found_inf = []
 
+    def _generator(self, device: torch.device) -> torch.Generator | None:
+        """The seeded generator of ``device`` (None without a seed: torch's default one)."""
+        if self._seed is None:
+            return None
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self._seed)
+        return self._generators[device]
+
     def _hutchinson(self, params: list, grads: list) -> list:
         if any(g.grad_fn is None for g in grads):
             raise RuntimeError("Sophia(estimator='hutchinson').update_hessian() needs grads with a graph: "
                                "call loss.backward(create_graph=True) first")
-        zs = [torch.randint(0, 2, p.shape, generator=self._generator).to(device=p.device, dtype=p.dtype) * 2 - 1
+        # Drawn on each param's device, so no random signs cross the bus.
+        zs = [torch.randint(0, 2, p.shape, generator=self._generator(p.device), device=p.device, dtype=p.dtype) * 2 - 1
               for p in params]
         with torch.enable_grad():
             hvps = torch.autograd.grad(grads, params, grad_outputs=zs, retain_graph=False, allow_unused=True)
         return [z * (hz if hz is not None else torch.zeros_like(z)) for z, hz in zip(zs, hvps)]
+
+
+def _inverse_scale(scaler: torch.amp.GradScaler, device: torch.device) -> torch.Tensor:
+    """1 / the scaler's current scale as a float32 tensor on ``device``, computed where the scale
+    lives (as GradScaler.unscale_ does), so that no value is read back to the host."""
+    scale = scaler._get_scale_async()
+    if scale is None:  # before the scaler's first scale(): its initial scale, a Python float
+        return torch.full((1,), 1.0 / scaler.get_scale(), dtype=torch.float32, device=device)
+    return scale.double().reciprocal().float().reshape(1).to(device)
