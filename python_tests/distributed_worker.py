@@ -148,7 +148,7 @@ def run_fsdp_checkpoint(name, rank, world, folder: Path):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    cls, kwargs = OPTIMIZERS[name]
+    cls, kwargs = ALL[name]
     data = local_half(batches(), rank, world)
     model = shard(make_model(), world)
     opt = cls(model.parameters(), **kwargs)
@@ -237,7 +237,7 @@ def worker(rank: int, world: int, folder: str):
             results[("ddp", name)] = run_ddp(name, rank, world)
             results[("zero", name)] = run_zero(name, rank, world)
             results[("fsdp", name)] = run_fsdp(name, rank, world)
-        for name in ("adamw", "adafactor"):
+        for name in ("adamw", "adafactor", "adamw8bit"):
             results[("checkpoint", name)] = run_fsdp_checkpoint(name, rank, world, Path(folder))
         results[("unused", "adamw")] = run_unused(rank, world)
         for mode in ("ddp", "fsdp"):

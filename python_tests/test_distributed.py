@@ -74,11 +74,17 @@ def test_lowbit_states_under_fsdp_quantize_each_shard(ranks, single, name):
             assert relative(got, expected.detach()) < 1e-2, f"param {i}"
 
 
-@pytest.mark.parametrize("name", ["adamw", "adafactor"])
+@pytest.mark.parametrize("name", ["adamw", "adafactor", "adamw8bit"])
 def test_fsdp_checkpoint_round_trip_continues_identically(ranks, name):
     for results in ranks:
         for got, expected in zip(results[("checkpoint", name)]["restored"], results[("checkpoint", name)]["original"]):
-            assert torch.equal(got, expected)
+            if name in worker.LOWBIT:
+                # Sharded low-bit states are checkpointed dequantized and quantized again on load:
+                # a block whose largest entry is negative gets a slightly smaller absmax (the
+                # signed map stops short of -1), so its codes may move by one.
+                assert relative(got, expected) < 1e-3
+            else:
+                assert torch.equal(got, expected)
 
 
 def test_a_rank_without_a_gradient_keeps_the_same_step_count(ranks):

@@ -11,8 +11,8 @@ import torch
 
 from dldna_fused import ops
 from dldna_fused._closure import closure_loss
-from dldna_fused._distributed import to_local
-from dldna_fused.optim._fused import SIGNED_STATES, FusedOptimizer, _occurrences, _packed, scalar
+from dldna_fused._distributed import dtensor_type, to_local
+from dldna_fused.optim._fused import SIGNED_STATES, FusedOptimizer, _occurrences, _packed, dequantize_state, scalar
 from dldna_fused.optim.adam import Adam
 from dldna_fused.optim.lion import Lion
 
@@ -219,6 +219,33 @@ class _LowBitOptimizer(FusedOptimizer):
                     for p, view in zip(ps, views):
                         view.copy_(self.state[p][name])
                         self.state[p][name] = view
+
+    def state_dict(self) -> dict:
+        """As torch.optim's, except for FSDP2-sharded (DTensor) params: their blocks are the local
+        shard's, which no other world size could read, so their states are given dequantized, as
+        float32 DTensors placed like the params. torch.distributed.checkpoint then saves and
+        reshards them as any fp32 state, and load_state_dict quantizes them again."""
+        state_dict = super().state_dict()
+        DTensor = dtensor_type()
+        if DTensor is None:
+            return state_dict
+        numbered: dict = {}
+        start = 0
+        for group in self.param_groups:  # torch.optim's numbering of the params
+            for i, p in enumerate(group["params"], start):
+                numbered.setdefault(id(p), (i, group, p))
+            start += len(group["params"])
+        for i, group, p in numbered.values():
+            state = state_dict["state"].get(i)
+            if not isinstance(p, DTensor) or not state or f"{self._state_keys[0]}_codes" not in state:
+                continue
+            state = dict(state)  # the live state keeps its codes
+            for key in self._state_keys:
+                local = dequantize_state(f"{type(self).__name__}.state_dict", group, p, state, key)
+                state[key] = DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+                del state[f"{key}_codes"], state[f"{key}_absmax"]
+            state_dict["state"][i] = state
+        return state_dict
 
     def _options(self, group: dict) -> tuple:
         return (group["bits"], group["block_size"], group["min_8bit_size"])
