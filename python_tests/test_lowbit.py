@@ -401,3 +401,16 @@ def test_changing_min_8bit_size_converts_the_states():
     expected = 0.9 * dequantize_blockwise(*quantize_blockwise(exp_avg, 8, True, 256), (5000,)) + 0.1 * p.grad
     got = dequantize_blockwise(opt.state[p]["exp_avg_codes"], opt.state[p]["exp_avg_absmax"], (5000,))
     torch.testing.assert_close(got, expected, rtol=0, atol=0.02 * expected.abs().max().item())
+
+
+def test_lists_are_reused_after_a_load():
+    # A rebuild after load_state_dict keeps the loaded (packed) state tensors; it does not copy them.
+    p = torch.nn.Parameter(torch.randn(5000))
+    opt = optim.AdamW8bit([p])
+    p.grad = torch.randn_like(p)
+    opt.step()
+    opt.load_state_dict(opt.state_dict())
+    loaded = dict(opt.state[p])
+    opt.step()
+    opt.step()
+    assert all(opt.state[p][k] is t for k, t in loaded.items())

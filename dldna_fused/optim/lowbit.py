@@ -71,26 +71,34 @@ class _LowBitOptimizer(FusedOptimizer):
                                                block_size=group["block_size"])
         return {f"{key}_codes": codes, f"{key}_absmax": absmax}
 
-    def _convert_loaded_state(self, where: str, group: dict, p: torch.Tensor, state: dict, saved: dict) -> None:
+    def _convert_kind(self, where: str, group: dict, p: torch.Tensor, state: dict, saved: dict) -> None:
+        """Quantizes float states (``saved``'s, unrounded) of a param that is quantized now, and
+        dequantizes the codes of one that is not: after a load of the other kind's state, or a
+        change of min_8bit_size."""
         if not self._quantized(group, p):
             super()._convert_loaded_state(where, group, p, state, saved)
             return
         local = to_local([p])[0]
         for key in self._state_keys:
             if f"{key}_codes" not in state and isinstance(state.get(key), torch.Tensor):
-                # A float state (the fp32 optimizer's), unrounded from the state_dict.
                 value = torch.as_tensor(saved.get(key, state[key]))
                 if tuple(value.shape) != tuple(p.shape):
                     raise ValueError(f"{where}: state '{key}' has shape {tuple(value.shape)} but must have shape "
                                      f"{tuple(p.shape)}")
                 state.update(self._quantized_state(group, local, key, to_local([value])[0].float()))
                 del state[key]
-            elif f"{key}_codes" in saved:
+
+    def _convert_loaded_state(self, where: str, group: dict, p: torch.Tensor, state: dict, saved: dict) -> None:
+        self._convert_kind(where, group, p, state, saved)
+        if not self._quantized(group, p):
+            return
+        device = to_local([p])[0].device
+        for key in self._state_keys:
+            if f"{key}_codes" in saved:
                 # torch.optim casts every state to a floating param's dtype: take codes and absmax
                 # from the state_dict as they were saved.
-                state[f"{key}_codes"] = torch.as_tensor(saved[f"{key}_codes"]).to(local.device, copy=True)
-                state[f"{key}_absmax"] = torch.as_tensor(saved[f"{key}_absmax"]).to(local.device, torch.float32,
-                                                                                    copy=True)
+                state[f"{key}_codes"] = torch.as_tensor(saved[f"{key}_codes"]).to(device, copy=True)
+                state[f"{key}_absmax"] = torch.as_tensor(saved[f"{key}_absmax"]).to(device, torch.float32, copy=True)
 
     def _state_spec(self, group: dict, p: torch.Tensor) -> dict:
         # The quantized states are checked by _check_loaded_state and _check_lists themselves.
@@ -128,7 +136,7 @@ class _LowBitOptimizer(FusedOptimizer):
         for p in {id(p): p for p in params if p.grad is not None}.values():
             state = self.state[p]
             if state:  # a changed min_8bit_size moves a param between the two kinds
-                self._convert_loaded_state(f"{type(self).__name__}: param {tuple(p.shape)}", group, p, state, state)
+                self._convert_kind(f"{type(self).__name__}: param {tuple(p.shape)}", group, p, state, state)
             if self._quantized(group, p):
                 wanted = [name for key in keys for name in (f"{key}_codes", f"{key}_absmax")]
             else:
