@@ -8,6 +8,7 @@ set(DLDNA_FUSED_SOURCES
     csrc/common/adam_args.cpp
     csrc/common/lion_sophia_args.cpp
     csrc/common/adafactor_args.cpp
+    csrc/common/adafactor_gpu_plan.cpp
     csrc/common/grad_norm_args.cpp
     csrc/common/lowbit_args.cpp
     csrc/common/quantization.cpp

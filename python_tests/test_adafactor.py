@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dldna_fused import ops, optim, reference
+from dldna_fused import _C, ops, optim, reference
 from conftest import DEVICES, relative_error
 from parity import assert_low_precision_within_factor, run
 
@@ -301,3 +301,70 @@ def test_compiled_optimizer_step_matches_eager():
         twin_opt.step()
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p, q)
+
+
+# ---- The CUDA launch plan ([Note: AdaFactor on the GPU]), computed on any machine ----------------
+
+def _llama_7b_shapes():
+    """LLaMA-7B's matrices (embedding, 32 x (q, k, v, o, gate, up, down), LM head) as the factored
+    call's (numel, rows, cols); its [4096] norms go to the unfactored call."""
+    d, ff, vocab = 4096, 11008, 32000
+    layer = [(d, d)] * 4 + [(ff, d), (ff, d), (d, ff)]
+    return [(r * c, r, c) for r, c in [(vocab, d)] + layer * 32 + [(vocab, d)]]
+
+
+PLAN_CASES = {
+    "llama-7b": _llama_7b_shapes(),
+    "llama-7b-norms": [(4096, 0, 0)] * 65,
+    "embedding-4096x128256": [(4096 * 128256, 4096, 128256)],
+    "conv-2048x512x1x1": [(2048 * 512, 1, 1)],
+    "tall-and-tiny": [(513 * 3, 513, 3), (40 * 64 * 64, 64, 64), (1, 1, 1)],
+}
+
+
+@pytest.mark.parametrize("shapes", list(PLAN_CASES.values()), ids=list(PLAN_CASES))
+def test_gpu_plan_workspace_and_blocks_scale_with_the_params(shapes):
+    # bf16 params: the byte count the bounds are stated against (fp32 only loosens them).
+    param_bytes = 2 * sum(numel for numel, _, _ in shapes)
+    plan = _C.adafactor_gpu_plan(shapes)
+    assert plan["workspace_bytes"] <= 0.01 * param_bytes + 8 * len(shapes)
+    # Every launch: at most 4 blocks per (threads x 16 B) of params, plus a few per tensor.
+    limit = 4 * param_bytes / (plan["threads_per_block"] * 16) + 2 * len(shapes)
+    for launch in ("row_blocks", "column_blocks", "combine_blocks", "mean_blocks"):
+        assert plan[launch] <= limit, launch
+    assert plan["row_blocks"] >= 1
+
+
+def test_gpu_plan_of_the_wide_embedding_alone():
+    # One [4096, 128256] matrix: 8 rows per row block, 8 strips of 512 rows in 501 column tiles,
+    # and 8 x 128256 column partials (4.1 MB) as the only sizeable workspace.
+    plan = _C.adafactor_gpu_plan([(4096 * 128256, 4096, 128256)])
+    assert plan["row_blocks"] == 512 and plan["column_blocks"] == 8 * 501 and plan["combine_blocks"] == 126
+    assert plan["workspace_bytes"] == 16 * 512 + 4 * (8 * 128256 + 1) + 8
+
+
+def test_gpu_plan_packs_tiny_matrices():
+    # 1,048,576 one-element matrices: 8192 per block in every launch, no partials, no means.
+    plan = _C.adafactor_gpu_plan([(2048 * 512, 1, 1)])
+    assert plan["row_blocks"] == plan["column_blocks"] == 128
+    assert plan["combine_blocks"] == plan["mean_blocks"] == 0
+
+
+@pytest.mark.parametrize("shape", [(64, 3000), (96, 64, 1, 1), (600, 40), (3, 700, 70), (1, 5)],
+                         ids=["wide", "tiny-matrices", "tall-narrow", "tall-stack", "one-row"])
+@pytest.mark.parametrize("device", [d for d in DEVICES if d != "cpu"])
+def test_cuda_matches_cpu_on_the_shapes_the_plan_cuts_differently(device, shape):
+    # Scaled-down versions of the planned cases: several strips (600 and 700 rows), warp rows and
+    # thread rows, tiny matrices packed per block.
+    torch.manual_seed(0)
+    cpu = torch.nn.Parameter(torch.randn(shape))
+    gpu = torch.nn.Parameter(cpu.detach().to(device))
+    cpu_opt, gpu_opt = optim.Adafactor([cpu], beta1=0.9), optim.Adafactor([gpu], beta1=0.9)
+    for _ in range(3):
+        cpu.grad = torch.randn(shape)
+        gpu.grad = cpu.grad.to(device)
+        cpu_opt.step()
+        gpu_opt.step()
+    torch.testing.assert_close(gpu.detach().cpu(), cpu.detach(), rtol=1e-5, atol=1e-6)
+    for key, value in cpu_opt.state[cpu].items():
+        torch.testing.assert_close(gpu_opt.state[gpu][key].cpu(), value, rtol=1e-5, atol=1e-7)

@@ -1,12 +1,7 @@
 // dldna_fused::fused_adafactor_ on CUDA: the passes of [Note: AdaFactor passes]
-// (common/adafactor_math.h) as five kernels over all tensors of a call, with no host sync.
-//
-// Work is cut as on the CPU (common/adafactor_args.h: units of whole rows, here at most kMaxRows of
-// them) and each unit of a factored tensor further into column tiles of kTileCols: block
-// (unit, tile) = grid (x, y). Every partial sum (per block: sum p^2, sum U^2, the row sums of its
-// tile; per unit: the column sums) has its own slot in one workspace buffer and is combined by
-// the finalize kernels in a fixed order, so results do not depend on scheduling. The step
-// counters are read by the first two kernels (t = step + 1) and incremented by the fourth.
+// (common/adafactor_math.h) as 1-D launches over per-tensor runs of blocks, cut as
+// [Note: AdaFactor on the GPU] (common/adafactor_gpu_plan.h) says, with no host sync. The step
+// counters are read by the passes before finalize_scale (t = step + 1), which increments them.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -17,71 +12,60 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cstring>
 #include <vector>
 
 #include "common/adafactor_args.h"
+#include "common/adafactor_gpu_plan.h"
 #include "common/adafactor_math.h"
 #include "cuda/unscaled_grads.h"
 
 namespace dldna_fused::cuda {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kMaxRows = 32;                 // rows per unit: one register each for row sums
-constexpr int kColsPerThread = 4;
-constexpr int kTileCols = kThreads * kColsPerThread;
-constexpr int64_t kUnitElements = 32768;     // unfactored units, and the rows-per-unit target
+constexpr int kThreads = kGpuThreads;
+constexpr int kWarps = kThreads / 32;
 
 struct TensorDesc {
   void* param;
   const void* grad;
-  float* row;     // factored: matrices x rows
-  float* col;     // factored: matrices x cols
-  float* sq;      // unfactored
-  float* exp_avg; // nullptr without a first moment
+  float* row;      // factored: matrices x rows
+  float* col;      // factored: matrices x cols
+  float* sq;       // unfactored
+  float* exp_avg;  // nullptr without a first moment
   float* rms;
   float* step;
   int64_t numel;
-  int64_t rows;   // 0 when unfactored
+  int64_t rows;  // 0 when unfactored
   int64_t cols;
-  int64_t rows_per_unit;
-  int64_t units_per_matrix;
-  int64_t unit_begin;
-  int64_t unit_end;
-  int64_t tiles;  // column tiles per unit (1 when unfactored)
-  int64_t matrix_offset;  // into the per-matrix mean(R) buffer
-  int64_t column_offset;  // into the rsqrt(C) buffer
+  AdafactorGpuTensor plan;
 };
 
-struct UnitDesc {
-  int64_t tensor;
-  int64_t begin;
-  int64_t end;
-  int64_t col_offset;
+// The four launches' first block per tensor (n + 1 entries each), in one device buffer.
+struct Runs {
+  const int64_t* row;
+  const int64_t* column;
+  const int64_t* combine;
+  const int64_t* mean;
 };
 
-// Where each kind of partial result lives in the workspace (float offsets).
 struct Workspace {
-  float* p2;            // [unit][tile]
-  float* u2;            // [unit][tile]
-  float* row_partials;  // [unit][tile][kMaxRows]
-  float* col_partials;  // per unit, cols floats at UnitDesc::col_offset
-  float* row_mean;      // per matrix
-  float* col_rsqrt;     // per matrix and column
-  float* alpha;         // per tensor
-  float* scale;         // per tensor
+  double* p2;  // per row block
+  double* u2;  // per row block
+  float* column_partials;
+  float* row_means;
+  float* alpha;  // per tensor
+  float* scale;  // per tensor
 };
 
 struct Args {
   const TensorDesc* tensors;
-  const UnitDesc* units;
+  int64_t num_tensors;
+  Runs runs;
   Workspace ws;
-  int64_t max_tiles;  // gridDim.y
   AdafactorOptions options;
   float eps1;
-  const float* grad_scale;  // nullptr without GradScaler
+  const float* grad_scale;  // the divisor (grad_scale / clip_coef), or nullptr
   const float* found_inf;
 };
 
@@ -93,16 +77,31 @@ __device__ __forceinline__ float inv_grad_scale(const Args& a) {
   return a.grad_scale != nullptr ? 1.f / *a.grad_scale : 1.f;
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
+// The tensor whose run of `first` holds `block`: the last i with first[i] <= block < first[i + 1].
+__device__ __forceinline__ int64_t tensor_of(const int64_t* first, int64_t n, int64_t block) {
+  int64_t low = 0, high = n - 1;
+  while (low < high) {
+    const int64_t mid = (low + high + 1) / 2;
+    if (first[mid] <= block) {
+      low = mid;
+    } else {
+      high = mid - 1;
+    }
+  }
+  return low;  // a tensor with no blocks has first[i] == first[i + 1] and is passed over
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
   for (int offset = 16; offset > 0; offset /= 2) {
     v += __shfl_down_sync(0xffffffffu, v, offset);
   }
   return v;
 }
 
-// The block's sum of v, valid in thread 0. Ends with a barrier, so it can be called in a row.
-__device__ float block_sum(float v) {
-  __shared__ float warp_sums[kThreads / 32];
+// The block's sum of v (in a fixed order), valid in thread 0; ends with a barrier.
+__device__ double block_sum(double v) {
+  __shared__ double warp_sums[kWarps];
   v = warp_sum(v);
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
@@ -110,217 +109,256 @@ __device__ float block_sum(float v) {
     warp_sums[warp] = v;
   }
   __syncthreads();
-  float total = 0.f;
+  double total = 0.0;
   if (warp == 0) {
-    total = warp_sum(lane < kThreads / 32 ? warp_sums[lane] : 0.f);
+    total = warp_sum(lane < kWarps ? warp_sums[lane] : 0.0);
   }
   __syncthreads();
   return total;
 }
 
-__device__ __forceinline__ size_t slot(const Args& a, int64_t unit) {
-  return static_cast<size_t>(unit * a.max_tiles + blockIdx.y);
+// Calls f(row) for every row of rows [begin, end) a warp (long rows) or a thread (short rows) of
+// this block owns, and sum(row, col_begin, col_step) is how that owner walks the row's columns.
+template <typename RowFn>
+__device__ __forceinline__ void for_owned_rows(const TensorDesc& t, int64_t begin, int64_t end, RowFn&& f) {
+  if (t.cols >= kGpuWarpRowCols) {
+    for (int64_t row = begin + threadIdx.x / 32; row < end; row += kWarps) {
+      f(row, static_cast<int64_t>(threadIdx.x % 32), int64_t{32}, true);
+    }
+  } else {
+    for (int64_t row = begin + threadIdx.x; row < end; row += kThreads) {
+      f(row, int64_t{0}, int64_t{1}, false);
+    }
+  }
 }
 
-// Rows [first_row, first_row + rows) and the block's column tile of a factored unit.
-struct FactoredTile {
-  int64_t first_row;  // row index within the tensor (over all matrices)
-  int rows;
-  int64_t col_begin;
-  int64_t col_end;
-  __device__ FactoredTile(const TensorDesc& t, const UnitDesc& u) {
-    first_row = u.begin / t.cols;
-    rows = static_cast<int>((u.end - u.begin) / t.cols);
-    col_begin = static_cast<int64_t>(blockIdx.y) * kTileCols;
-    col_end = min(t.cols, col_begin + kTileCols);
+// The rows [begin, end) of row block `block` of tensor i.
+struct RowBlock {
+  int64_t tensor;
+  int64_t begin;
+  int64_t end;
+};
+
+__device__ __forceinline__ RowBlock row_block(const Args& a) {
+  const int64_t block = blockIdx.x;
+  const int64_t i = tensor_of(a.runs.row, a.num_tensors, block);
+  const TensorDesc& t = a.tensors[i];
+  const int64_t total = t.rows > 0 ? t.plan.matrices * t.rows : t.numel;
+  const int64_t begin = (block - a.runs.row[i]) * t.plan.rows_per_block;
+  return {i, begin, min(total, begin + t.plan.rows_per_block)};
+}
+
+// What every row-block kernel starts from: its rows, tensor, 1 / grad scale and data.
+template <typename P>
+struct RowContext {
+  RowBlock rb;
+  const TensorDesc& t;
+  float inv;
+  const P* grad;
+  P* param;
+  __device__ explicit RowContext(const Args& a)
+      : rb(row_block(a)), t(a.tensors[rb.tensor]), inv(inv_grad_scale(a)),
+        grad(static_cast<const P*>(t.grad)), param(static_cast<P*>(t.param)) {}
+  // The EMA decay of this step (t = step + 1; the counters advance in finalize_scale_kernel).
+  __device__ AdafactorDecay decay(const Args& a) const {
+    return adafactor_decay(a.options, static_cast<double>(*t.step) + 1.0);
   }
 };
 
-// ---- Pass 1 ----------------------------------------------------------------------------------
+// 1 / sqrt(R / mean(R)) of a global row (one-row matrices: their row is their mean).
+__device__ __forceinline__ float row_factor(const Args& a, const TensorDesc& t, int64_t row) {
+  const float mean = t.rows == 1 ? t.row[row] : a.ws.row_means[t.plan.mean_offset + row / t.rows];
+  return 1.f / sqrtf(t.row[row] / mean);
+}
+
+// ---- Pass 1, factored: R's EMA per row and sum p^2 ------------------------------------------------
 
 template <typename P>
-__global__ void __launch_bounds__(kThreads) reduce_kernel(const Args a) {
+__global__ void __launch_bounds__(kThreads) row_pass_kernel(const Args a) {
   if (skipped(a)) {
     return;
   }
-  const int64_t k = blockIdx.x;
-  const UnitDesc u = a.units[k];
-  const TensorDesc& t = a.tensors[u.tensor];
-  if (blockIdx.y >= t.tiles) {
-    return;
-  }
-  const float inv = inv_grad_scale(a);
-  const auto* grad = static_cast<const P*>(t.grad);
-  const auto* param = static_cast<const P*>(t.param);
-  const AdafactorDecay decay = adafactor_decay(a.options, static_cast<double>(*t.step) + 1.0);
+  const RowContext<P> ctx(a);
+  const auto& [rb, t, inv, grad, param] = ctx;
+  const AdafactorDecay decay = ctx.decay(a);
   float p2 = 0.f;
-  if (t.rows == 0) {
-    float u2 = 0.f;
-    for (int64_t i = u.begin + threadIdx.x; i < u.end; i += kThreads) {
-      const float g = static_cast<float>(grad[i]) * inv;
-      const float v = adafactor_ema(t.sq[i], adafactor_g2(g, a.eps1), decay);
-      t.sq[i] = v;
-      const float update = g * (1.f / sqrtf(v));
-      u2 += update * update;
-      const float p = static_cast<float>(param[i]);
+  for_owned_rows(t, rb.begin, rb.end, [&](int64_t row, int64_t first, int64_t stride, bool warp) {
+    const int64_t offset = row * t.cols;
+    float sum = 0.f;
+    for (int64_t c = first; c < t.cols; c += stride) {
+      sum += adafactor_g2(static_cast<float>(grad[offset + c]) * inv, a.eps1);
+      const float p = static_cast<float>(param[offset + c]);
       p2 += p * p;
     }
-    p2 = block_sum(p2);
-    u2 = block_sum(u2);
-    if (threadIdx.x == 0) {
-      a.ws.p2[slot(a, k)] = p2;
-      a.ws.u2[slot(a, k)] = u2;
+    if (warp) {
+      sum = warp_sum(sum);
     }
-    return;
-  }
-  const FactoredTile tile(t, u);
-  float row_sums[kMaxRows];
-  float col_sums[kColsPerThread] = {};
-#pragma unroll
-  for (int r = 0; r < kMaxRows; ++r) {
-    row_sums[r] = 0.f;
-    if (r < tile.rows) {
-      const int64_t row_offset = (tile.first_row + r) * t.cols;
-#pragma unroll
-      for (int j = 0; j < kColsPerThread; ++j) {
-        const int64_t c = tile.col_begin + threadIdx.x + j * kThreads;
-        if (c < tile.col_end) {
-          const float x = adafactor_g2(static_cast<float>(grad[row_offset + c]) * inv, a.eps1);
-          row_sums[r] += x;
-          col_sums[j] += x;
-          const float p = static_cast<float>(param[row_offset + c]);
-          p2 += p * p;
-        }
-      }
+    if (!warp || threadIdx.x % 32 == 0) {
+      t.row[row] = adafactor_ema(t.row[row], sum / static_cast<float>(t.cols), decay);
     }
-  }
-  float* col_partials = a.ws.col_partials + u.col_offset;
-#pragma unroll
-  for (int j = 0; j < kColsPerThread; ++j) {
-    const int64_t c = tile.col_begin + threadIdx.x + j * kThreads;
-    if (c < tile.col_end) {
-      col_partials[c] = col_sums[j];
-    }
-  }
-  float* row_partials = a.ws.row_partials + slot(a, k) * kMaxRows;
-#pragma unroll
-  for (int r = 0; r < kMaxRows; ++r) {
-    if (r < tile.rows) {
-      const float s = block_sum(row_sums[r]);
-      if (threadIdx.x == 0) {
-        row_partials[r] = s;
-      }
-    }
-  }
-  p2 = block_sum(p2);
+  });
+  const double total = block_sum(p2);
   if (threadIdx.x == 0) {
-    a.ws.p2[slot(a, k)] = p2;
+    a.ws.p2[blockIdx.x] = total;
   }
 }
 
-// ---- Finalize 1: one block per tensor ----------------------------------------------------------
+// ---- Pass 1, factored: column sums over one strip of rows --------------------------------------
 
-// Tensor t's total of a per-block partial (p2 or u2) over its units and tiles, in thread 0.
-__device__ float tensor_sum(const Args& a, const TensorDesc& t, const float* partials) {
-  float sum = 0.f;
-  for (int64_t k = t.unit_begin + threadIdx.x; k < t.unit_end; k += kThreads) {
-    for (int64_t y = 0; y < t.tiles; ++y) {
-      sum += partials[k * a.max_tiles + y];
+template <typename P>
+__global__ void __launch_bounds__(kThreads) column_pass_kernel(const Args a) {
+  if (skipped(a)) {
+    return;
+  }
+  const int64_t block = blockIdx.x;
+  const int64_t i = tensor_of(a.runs.column, a.num_tensors, block);
+  const TensorDesc& t = a.tensors[i];
+  const AdafactorGpuTensor& plan = t.plan;
+  const int64_t local = block - a.runs.column[i];
+  const int64_t strip = local / plan.column_tiles;
+  const int64_t columns = plan.matrices * t.cols;
+  const int64_t col_begin = (local % plan.column_tiles) * plan.columns_per_block;
+  const int64_t col_end = min(columns, col_begin + plan.columns_per_block);
+  const int64_t row_begin = strip * plan.rows_per_strip;
+  const int64_t row_end = min(t.rows, row_begin + plan.rows_per_strip);
+  const float inv = inv_grad_scale(a);
+  const auto* grad = static_cast<const P*>(t.grad);
+  const AdafactorDecay decay = adafactor_decay(a.options, static_cast<double>(*t.step) + 1.0);
+  for (int64_t column = col_begin + threadIdx.x; column < col_end; column += kThreads) {
+    const int64_t matrix = column / t.cols;
+    const int64_t base = (matrix * t.rows) * t.cols + column % t.cols;
+    float sum = 0.f;
+    for (int64_t r = row_begin; r < row_end; ++r) {
+      sum += adafactor_g2(static_cast<float>(grad[base + r * t.cols]) * inv, a.eps1);
     }
+    if (plan.strips == 1) {
+      t.col[column] = adafactor_ema(t.col[column], sum / static_cast<float>(t.rows), decay);
+    } else {
+      a.ws.column_partials[plan.partial_offset + strip * columns + column] = sum;
+    }
+  }
+}
+
+// The strips' partials of tall matrices, added in strip order.
+__global__ void __launch_bounds__(kThreads) combine_columns_kernel(const Args a) {
+  if (skipped(a)) {
+    return;
+  }
+  const int64_t block = blockIdx.x;
+  const int64_t i = tensor_of(a.runs.combine, a.num_tensors, block);
+  const TensorDesc& t = a.tensors[i];
+  const AdafactorGpuTensor& plan = t.plan;
+  const int64_t columns = plan.matrices * t.cols;
+  const int64_t begin = (block - a.runs.combine[i]) * plan.columns_per_combine;
+  const int64_t end = min(columns, begin + plan.columns_per_combine);
+  const AdafactorDecay decay = adafactor_decay(a.options, static_cast<double>(*t.step) + 1.0);
+  for (int64_t column = begin + threadIdx.x; column < end; column += kThreads) {
+    float sum = 0.f;
+    for (int64_t s = 0; s < plan.strips; ++s) {
+      sum += a.ws.column_partials[plan.partial_offset + s * columns + column];
+    }
+    t.col[column] = adafactor_ema(t.col[column], sum / static_cast<float>(t.rows), decay);
+  }
+}
+
+// mean(R) per matrix of more than one row, a warp per matrix, in double. After row_pass_kernel.
+__global__ void __launch_bounds__(kThreads) row_means_kernel(const Args a) {
+  if (skipped(a)) {
+    return;
+  }
+  const int64_t block = blockIdx.x;
+  const int64_t i = tensor_of(a.runs.mean, a.num_tensors, block);
+  const TensorDesc& t = a.tensors[i];
+  const int64_t matrix = (block - a.runs.mean[i]) * kGpuMatricesPerMeanBlock + threadIdx.x / 32;
+  if (matrix >= t.plan.matrices) {
+    return;
+  }
+  double sum = 0.0;
+  for (int64_t r = threadIdx.x % 32; r < t.rows; r += 32) {
+    sum += t.row[matrix * t.rows + r];
+  }
+  sum = warp_sum(sum);
+  if (threadIdx.x % 32 == 0) {
+    a.ws.row_means[t.plan.mean_offset + matrix] = static_cast<float>(sum / static_cast<double>(t.rows));
+  }
+}
+
+// ---- Pass 1, unfactored: V's EMA, sum U^2 and sum p^2 -------------------------------------------
+
+template <typename P>
+__global__ void __launch_bounds__(kThreads) unfactored_pass_kernel(const Args a) {
+  if (skipped(a)) {
+    return;
+  }
+  const RowContext<P> ctx(a);
+  const auto& [rb, t, inv, grad, param] = ctx;
+  const AdafactorDecay decay = ctx.decay(a);
+  float p2 = 0.f, u2 = 0.f;
+  for (int64_t e = rb.begin + threadIdx.x; e < rb.end; e += kThreads) {
+    const float g = static_cast<float>(grad[e]) * inv;
+    const float v = adafactor_ema(t.sq[e], adafactor_g2(g, a.eps1), decay);
+    t.sq[e] = v;
+    const float update = g * (1.f / sqrtf(v));
+    u2 += update * update;
+    const float p = static_cast<float>(param[e]);
+    p2 += p * p;
+  }
+  const double p2_total = block_sum(p2);
+  const double u2_total = block_sum(u2);
+  if (threadIdx.x == 0) {
+    a.ws.p2[blockIdx.x] = p2_total;
+    a.ws.u2[blockIdx.x] = u2_total;
+  }
+}
+
+// ---- Finalize: alpha (RMS of p), then the update scale; a block per tensor -----------------------
+
+// Tensor i's total of a per-row-block partial, in thread 0.
+__device__ double tensor_total(const Args& a, int64_t i, const double* partials) {
+  double sum = 0.0;
+  for (int64_t b = a.runs.row[i] + threadIdx.x; b < a.runs.row[i + 1]; b += kThreads) {
+    sum += partials[b];
   }
   return block_sum(sum);
 }
 
-__global__ void __launch_bounds__(kThreads) finalize_statistics_kernel(const Args a) {
+__global__ void __launch_bounds__(kThreads) finalize_alpha_kernel(const Args a) {
   if (skipped(a)) {
     return;
   }
   const int64_t i = blockIdx.x;
   const TensorDesc& t = a.tensors[i];
-  const double step = static_cast<double>(*t.step) + 1.0;
-  const float p2 = tensor_sum(a, t, a.ws.p2);
+  const double p2 = tensor_total(a, i, a.ws.p2);
   if (threadIdx.x == 0) {
     const double rms_p = adafactor_rms(p2, t.numel);
-    a.ws.alpha[i] = static_cast<float>(adafactor_alpha(a.options, step, rms_p));
+    a.ws.alpha[i] = static_cast<float>(adafactor_alpha(a.options, static_cast<double>(*t.step) + 1.0, rms_p));
     *t.rms = static_cast<float>(rms_p);
   }
-  if (t.rows == 0 || t.numel == 0) {
-    return;
-  }
-  const AdafactorDecay decay = adafactor_decay(a.options, step);
-  const int64_t matrices = t.numel / (t.rows * t.cols);
-  // R's EMA: a row's sum is spread over the column tiles of its unit.
-  for (int64_t row = threadIdx.x; row < matrices * t.rows; row += kThreads) {
-    const int64_t b = row / t.rows;
-    const int64_t in_matrix = row % t.rows;
-    const int64_t k = t.unit_begin + b * t.units_per_matrix + in_matrix / t.rows_per_unit;
-    const int64_t r = in_matrix % t.rows_per_unit;
-    float sum = 0.f;
-    for (int64_t y = 0; y < t.tiles; ++y) {
-      sum += a.ws.row_partials[(k * a.max_tiles + y) * kMaxRows + r];
-    }
-    t.row[row] = adafactor_ema(t.row[row], sum / static_cast<float>(t.cols), decay);
-  }
-  // C's EMA and rsqrt(C): a column's sum is spread over the units of its matrix.
-  for (int64_t bc = threadIdx.x; bc < matrices * t.cols; bc += kThreads) {
-    const int64_t b = bc / t.cols;
-    const int64_t c = bc % t.cols;
-    const int64_t first = t.unit_begin + b * t.units_per_matrix;
-    float sum = 0.f;
-    for (int64_t k = first; k < first + t.units_per_matrix; ++k) {
-      sum += a.ws.col_partials[a.units[k].col_offset + c];
-    }
-    const float col = adafactor_ema(t.col[bc], sum / static_cast<float>(t.rows), decay);
-    t.col[bc] = col;
-    a.ws.col_rsqrt[t.column_offset + bc] = 1.f / sqrtf(col);
-  }
-  __syncthreads();  // every row of R is final
-  for (int64_t b = threadIdx.x; b < matrices; b += kThreads) {
-    double sum = 0.0;
-    for (int64_t r = 0; r < t.rows; ++r) {
-      sum += t.row[b * t.rows + r];
-    }
-    a.ws.row_mean[t.matrix_offset + b] = static_cast<float>(sum / static_cast<double>(t.rows));
-  }
 }
 
-// ---- Pass 2 (factored): sum U^2 ---------------------------------------------------------------
-
-__device__ __forceinline__ float row_factor(const Args& a, const TensorDesc& t, int64_t row) {
-  return 1.f / sqrtf(t.row[row] / a.ws.row_mean[t.matrix_offset + row / t.rows]);
-}
+// ---- Pass 2, factored: sum U^2 -----------------------------------------------------------------
 
 template <typename P>
 __global__ void __launch_bounds__(kThreads) update_norm_kernel(const Args a) {
   if (skipped(a)) {
     return;
   }
-  const int64_t k = blockIdx.x;
-  const UnitDesc u = a.units[k];
-  const TensorDesc& t = a.tensors[u.tensor];
-  if (t.rows == 0 || blockIdx.y >= t.tiles) {
-    return;
-  }
-  const float inv = inv_grad_scale(a);
-  const auto* grad = static_cast<const P*>(t.grad);
-  const FactoredTile tile(t, u);
+  const RowContext<P> ctx(a);
+  const auto& [rb, t, inv, grad, param] = ctx;
   float u2 = 0.f;
-  for (int r = 0; r < tile.rows; ++r) {
-    const int64_t row = tile.first_row + r;
+  for_owned_rows(t, rb.begin, rb.end, [&](int64_t row, int64_t first, int64_t stride, bool) {
     const float rf = row_factor(a, t, row);
-    const float* col_rsqrt = a.ws.col_rsqrt + t.column_offset + (row / t.rows) * t.cols;
-    for (int64_t c = tile.col_begin + threadIdx.x; c < tile.col_end; c += kThreads) {
-      const float update = static_cast<float>(grad[row * t.cols + c]) * inv * (rf * col_rsqrt[c]);
+    const float* col = t.col + (row / t.rows) * t.cols;
+    for (int64_t c = first; c < t.cols; c += stride) {
+      const float update = static_cast<float>(grad[row * t.cols + c]) * inv * (rf * (1.f / sqrtf(col[c])));
       u2 += update * update;
     }
-  }
-  u2 = block_sum(u2);
+  });
+  const double total = block_sum(u2);
   if (threadIdx.x == 0) {
-    a.ws.u2[slot(a, k)] = u2;
+    a.ws.u2[blockIdx.x] = total;
   }
 }
-
-// ---- Finalize 2: the clip; the steps advance ---------------------------------------------------
 
 __global__ void __launch_bounds__(kThreads) finalize_scale_kernel(const Args a) {
   if (skipped(a)) {
@@ -328,7 +366,7 @@ __global__ void __launch_bounds__(kThreads) finalize_scale_kernel(const Args a) 
   }
   const int64_t i = blockIdx.x;
   const TensorDesc& t = a.tensors[i];
-  const float u2 = tensor_sum(a, t, a.ws.u2);
+  const double u2 = tensor_total(a, i, a.ws.u2);
   if (threadIdx.x == 0) {
     a.ws.scale[i] = adafactor_update_scale(a.options, a.ws.alpha[i], u2, t.numel);
     *t.step += 1.f;
@@ -342,18 +380,9 @@ __global__ void __launch_bounds__(kThreads) apply_kernel(const Args a) {
   if (skipped(a)) {
     return;
   }
-  const int64_t k = blockIdx.x;
-  const UnitDesc u = a.units[k];
-  const int64_t i = u.tensor;
-  const TensorDesc& t = a.tensors[i];
-  if (blockIdx.y >= t.tiles) {
-    return;
-  }
-  const float inv = inv_grad_scale(a);
-  const double alpha = a.ws.alpha[i];
-  const AdafactorApply c = adafactor_apply_constants(a.options, alpha, a.ws.scale[i]);
-  auto* param = static_cast<P*>(t.param);
-  const auto* grad = static_cast<const P*>(t.grad);
+  const RowContext<P> ctx(a);
+  const auto& [rb, t, inv, grad, param] = ctx;
+  const AdafactorApply c = adafactor_apply_constants(a.options, a.ws.alpha[rb.tensor], a.ws.scale[rb.tensor]);
   auto apply_at = [&](int64_t e, float update) {
     float p = static_cast<float>(param[e]);
     float m = c.use_first_moment ? t.exp_avg[e] : 0.f;
@@ -364,46 +393,48 @@ __global__ void __launch_bounds__(kThreads) apply_kernel(const Args a) {
     }
   };
   if (t.rows == 0) {
-    for (int64_t e = u.begin + threadIdx.x; e < u.end; e += kThreads) {
+    for (int64_t e = rb.begin + threadIdx.x; e < rb.end; e += kThreads) {
       apply_at(e, static_cast<float>(grad[e]) * inv * (1.f / sqrtf(t.sq[e])));
     }
     return;
   }
-  const FactoredTile tile(t, u);
-  for (int r = 0; r < tile.rows; ++r) {
-    const int64_t row = tile.first_row + r;
+  for_owned_rows(t, rb.begin, rb.end, [&](int64_t row, int64_t first, int64_t stride, bool) {
     const float rf = row_factor(a, t, row);
-    const float* col_rsqrt = a.ws.col_rsqrt + t.column_offset + (row / t.rows) * t.cols;
-    for (int64_t col = tile.col_begin + threadIdx.x; col < tile.col_end; col += kThreads) {
-      const int64_t e = row * t.cols + col;
-      apply_at(e, static_cast<float>(grad[e]) * inv * (rf * col_rsqrt[col]));
+    const float* col = t.col + (row / t.rows) * t.cols;
+    for (int64_t cc = first; cc < t.cols; cc += stride) {
+      const int64_t e = row * t.cols + cc;
+      apply_at(e, static_cast<float>(grad[e]) * inv * (rf * (1.f / sqrtf(col[cc]))));
     }
-  }
+  });
 }
 
 // ---- Host ---------------------------------------------------------------------------------------
 
+template <typename Kernel>
+void launch_over(Kernel kernel, int64_t blocks, const Args& args, cudaStream_t stream) {
+  if (blocks > 0) {
+    kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
 template <typename P>
-void launch(const Args& args, int64_t num_units, int64_t num_tensors, bool factored) {
+void launch(const Args& args, const AdafactorGpuPlan& plan, bool factored) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const dim3 unit_grid(static_cast<unsigned>(num_units), static_cast<unsigned>(args.max_tiles));
-  const auto tensor_grid = static_cast<unsigned>(num_tensors);
-  if (num_units > 0) {
-    reduce_kernel<P><<<unit_grid, kThreads, 0, stream>>>(args);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t tensors = args.num_tensors;
+  if (factored) {
+    launch_over(row_pass_kernel<P>, plan.row_blocks(), args, stream);
+    launch_over(column_pass_kernel<P>, plan.column_blocks(), args, stream);
+    launch_over(combine_columns_kernel, plan.combine_blocks(), args, stream);
+    launch_over(row_means_kernel, plan.mean_blocks(), args, stream);
+    launch_over(finalize_alpha_kernel, tensors, args, stream);
+    launch_over(update_norm_kernel<P>, plan.row_blocks(), args, stream);
+  } else {
+    launch_over(unfactored_pass_kernel<P>, plan.row_blocks(), args, stream);
+    launch_over(finalize_alpha_kernel, tensors, args, stream);
   }
-  finalize_statistics_kernel<<<tensor_grid, kThreads, 0, stream>>>(args);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (factored && num_units > 0) {
-    update_norm_kernel<P><<<unit_grid, kThreads, 0, stream>>>(args);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  finalize_scale_kernel<<<tensor_grid, kThreads, 0, stream>>>(args);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (num_units > 0) {
-    apply_kernel<P><<<unit_grid, kThreads, 0, stream>>>(args);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  launch_over(finalize_scale_kernel, tensors, args, stream);
+  launch_over(apply_kernel<P>, plan.row_blocks(), args, stream);
 }
 
 void fused_adafactor_cuda(at::TensorList params, at::TensorList grads,
@@ -432,11 +463,9 @@ void fused_adafactor_cuda(at::TensorList params, at::TensorList grads,
   for (size_t i = 0; i < n; ++i) {
     shapes[i] = adafactor_shape(params[i], call.factored);
   }
-  const AdafactorPlan plan = plan_adafactor(shapes, kUnitElements, kMaxRows);
-  const auto num_units = static_cast<int64_t>(plan.units.size());
+  const AdafactorGpuPlan plan = plan_adafactor_gpu(shapes);
 
   std::vector<TensorDesc> tensors(n);
-  int64_t max_tiles = 1;
   for (size_t i = 0; i < n; ++i) {
     TensorDesc& t = tensors[i];
     t = TensorDesc{};
@@ -446,66 +475,50 @@ void fused_adafactor_cuda(at::TensorList params, at::TensorList grads,
     t.rms = rms[i].data_ptr<float>();
     t.step = state_steps[i].data_ptr<float>();
     t.numel = shapes[i].numel;
-    t.unit_begin = plan.unit_begin[i];
-    t.unit_end = plan.unit_begin[i + 1];
-    t.tiles = 1;
+    t.plan = plan.tensors[i];
     if (call.factored) {
       t.row = exp_avg_sq_rows[i].data_ptr<float>();
       t.col = exp_avg_sq_cols[i].data_ptr<float>();
-      t.rows = shapes[i].rows;
+      // A zero-size tensor has no blocks: the finalize kernels only record its RMS and step.
+      t.rows = t.numel == 0 ? 0 : shapes[i].rows;
       t.cols = shapes[i].cols;
-      t.rows_per_unit = plan.rows_per_unit[i];
-      t.units_per_matrix = plan.units_per_matrix[i];
-      t.tiles = std::max<int64_t>(1, (t.cols + kTileCols - 1) / kTileCols);
-      t.matrix_offset = plan.matrix_offset[i];
-      t.column_offset = plan.column_offset[i];
-      if (t.numel == 0) {
-        t.rows = 0;  // nothing to factor: finalize only records RMS and the step
-      }
     } else {
       t.sq = layout.get(3, i).data_ptr<float>();
     }
-    max_tiles = std::max(max_tiles, t.tiles);
-  }
-  TORCH_CHECK(max_tiles <= 65535, "dldna_fused::fused_adafactor_: params[i].size(-1) up to ",
-              65535 * kTileCols, " is supported on CUDA");
-  std::vector<UnitDesc> units(num_units);
-  for (int64_t k = 0; k < num_units; ++k) {
-    const AdafactorUnit& u = plan.units[k];
-    units[k] = {u.tensor, u.begin, u.end, u.col_offset};
   }
 
-  // One device buffer for the descriptors (copied from pinned memory) and one for the workspace.
+  // The descriptors and the four runs in one pinned host buffer, copied to the device at once.
   const size_t tensor_bytes = n * sizeof(TensorDesc);
-  const size_t unit_bytes = units.size() * sizeof(UnitDesc);
-  at::Tensor host = at::empty({static_cast<int64_t>(tensor_bytes + unit_bytes)},
+  const size_t run_bytes = (n + 1) * sizeof(int64_t);
+  at::Tensor host = at::empty({static_cast<int64_t>(tensor_bytes + 4 * run_bytes)},
                               at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  std::memcpy(host.data_ptr(), tensors.data(), tensor_bytes);
-  if (unit_bytes > 0) {
-    std::memcpy(static_cast<uint8_t*>(host.data_ptr()) + tensor_bytes, units.data(), unit_bytes);
+  auto* bytes = static_cast<uint8_t*>(host.data_ptr());
+  std::memcpy(bytes, tensors.data(), tensor_bytes);
+  const std::vector<int64_t>* runs[4] = {&plan.row_first, &plan.column_first, &plan.combine_first,
+                                         &plan.mean_first};
+  for (int k = 0; k < 4; ++k) {
+    std::memcpy(bytes + tensor_bytes + k * run_bytes, runs[k]->data(), run_bytes);
   }
-  const at::Tensor descriptors =
-      host.to(at::TensorOptions().device(params[0].device()), /*non_blocking=*/true);
+  const at::Tensor descriptors = host.to(at::TensorOptions().device(params[0].device()), /*non_blocking=*/true);
+  const auto* device_bytes = static_cast<const uint8_t*>(descriptors.const_data_ptr());
 
-  const int64_t slots = num_units * max_tiles;
-  const int64_t floats = 2 * slots + slots * kMaxRows + plan.col_partials + plan.num_matrices +
-                         plan.num_columns + 2 * static_cast<int64_t>(n);
-  const at::Tensor workspace =
-      at::empty({floats}, at::TensorOptions().dtype(at::kFloat).device(params[0].device()));
-  float* w = workspace.data_ptr<float>();
+  // The workspace: doubles first (8-byte aligned), then floats.
+  const at::Tensor workspace = at::empty({plan.workspace_bytes()},
+                                         at::TensorOptions().dtype(at::kByte).device(params[0].device()));
+  auto* w = static_cast<uint8_t*>(workspace.data_ptr());
   Args args{};
-  args.tensors = reinterpret_cast<const TensorDesc*>(descriptors.const_data_ptr());
-  args.units = reinterpret_cast<const UnitDesc*>(
-      static_cast<const uint8_t*>(descriptors.const_data_ptr()) + tensor_bytes);
-  args.ws.p2 = w;
-  args.ws.u2 = args.ws.p2 + slots;
-  args.ws.row_partials = args.ws.u2 + slots;
-  args.ws.col_partials = args.ws.row_partials + slots * kMaxRows;
-  args.ws.row_mean = args.ws.col_partials + plan.col_partials;
-  args.ws.col_rsqrt = args.ws.row_mean + plan.num_matrices;
-  args.ws.alpha = args.ws.col_rsqrt + plan.num_columns;
+  args.tensors = reinterpret_cast<const TensorDesc*>(device_bytes);
+  args.num_tensors = static_cast<int64_t>(n);
+  args.runs.row = reinterpret_cast<const int64_t*>(device_bytes + tensor_bytes);
+  args.runs.column = args.runs.row + (n + 1);
+  args.runs.combine = args.runs.column + (n + 1);
+  args.runs.mean = args.runs.combine + (n + 1);
+  args.ws.p2 = reinterpret_cast<double*>(w);
+  args.ws.u2 = args.ws.p2 + plan.row_blocks();
+  args.ws.column_partials = reinterpret_cast<float*>(args.ws.u2 + plan.row_blocks());
+  args.ws.row_means = args.ws.column_partials + plan.column_partial_floats;
+  args.ws.alpha = args.ws.row_means + plan.row_mean_floats;
   args.ws.scale = args.ws.alpha + n;
-  args.max_tiles = max_tiles;
   args.options = o;
   args.eps1 = static_cast<float>(eps1);
   check_clip_coef("dldna_fused::fused_adafactor_", clip_coef, params[0].device());
@@ -515,13 +528,13 @@ void fused_adafactor_cuda(at::TensorList params, at::TensorList grads,
 
   switch (call.dtypes.param) {
     case at::kFloat:
-      launch<float>(args, num_units, static_cast<int64_t>(n), call.factored);
+      launch<float>(args, plan, call.factored);
       break;
     case at::kBFloat16:
-      launch<c10::BFloat16>(args, num_units, static_cast<int64_t>(n), call.factored);
+      launch<c10::BFloat16>(args, plan, call.factored);
       break;
     case at::kHalf:
-      launch<c10::Half>(args, num_units, static_cast<int64_t>(n), call.factored);
+      launch<c10::Half>(args, plan, call.factored);
       break;
     default:
       TORCH_INTERNAL_ASSERT(false, "unchecked dtype ", call.dtypes.param);
