@@ -149,15 +149,16 @@ def test_step_matches_reference(cls, ref_cls, kwargs, dtype):
     assert differing <= max(2, total // 1000)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("cls,ref_cls,kwargs", LOWBIT, ids=LOWBIT_IDS)
-def test_thread_count_does_not_change_the_result(cls, ref_cls, kwargs):
+def test_thread_count_does_not_change_the_result(cls, ref_cls, kwargs, dtype):
     results = []
     threads = torch.get_num_threads()
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
             torch.manual_seed(0)
-            p = torch.randn(300_001, requires_grad=True)
+            p = torch.randn(300_001, dtype=dtype, requires_grad=True)
             opt = cls([p], **kwargs)
             for _ in range(3):
                 p.grad = torch.randn_like(p)
@@ -170,12 +171,13 @@ def test_thread_count_does_not_change_the_result(cls, ref_cls, kwargs):
     assert all(torch.equal(s1[k], s2[k]) for k in s1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("cls,ref_cls,kwargs", LOWBIT, ids=LOWBIT_IDS)
-def test_state_dict_round_trip_is_exact(cls, ref_cls, kwargs):
+def test_state_dict_round_trip_is_exact(cls, ref_cls, kwargs, dtype):
     torch.manual_seed(1)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Linear(128, 3))
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Linear(128, 3)).to(dtype)
     opt = cls(model.parameters(), **kwargs)
-    data = torch.randn(16, 64)
+    data = torch.randn(16, 64, dtype=dtype)
     for _ in range(3):
         model(data).square().mean().backward()
         opt.step()
