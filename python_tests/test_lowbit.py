@@ -328,8 +328,14 @@ def test_opcheck(device):
         ([p], [g], [state[0]], [state[1]], [state[0].clone()], [state[1].clone()],
          [torch.zeros((), device=device)]),
         {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "weight_decay": 0.0, "eps": 1e-8, "maximize": False,
-         "decoupled_weight_decay": True, "bits": 8, "block_size": 256},
-        test_utils=("test_schema", "test_faketensor"))
+         "decoupled_weight_decay": True, "bits": 8, "block_size": 256})
+    torch.library.opcheck(
+        OPS.fused_lion_lowbit_.default,
+        ([p.to(torch.bfloat16)], [g.to(torch.bfloat16)], [torch.zeros(5000, dtype=torch.uint8, device=device)],
+         [torch.zeros(20, device=device)], [torch.zeros((), device=device)]),
+        {"lr": 1e-4, "beta1": 0.9, "beta2": 0.99, "weight_decay": 0.1, "maximize": False, "bits": 8,
+         "block_size": 256, "grad_scale": torch.tensor([4.0], device=device),
+         "found_inf": torch.tensor([0.0], device=device)})
 
 
 @pytest.mark.parametrize("cls,ref_cls,kwargs", LOWBIT, ids=LOWBIT_IDS)
