@@ -174,7 +174,7 @@ struct QuantLut {
 // Float bits of 2^-24: smaller magnitudes share the first bucket (no map has a midpoint there).
 constexpr int32_t kQuantLowBits = (127 - 24) << 23;
 
-// Built once per map, on the host (cpu/quantization_cpu.cpp).
+// Built once per map, on the host (cpu/lowbit_cpu.cpp).
 const QuantLut& quant_lut(int bits, bool is_signed);
 
 // One quantized state of a tensor: its codes and per-block absmax ([Note: blockwise quantized
