@@ -10,11 +10,14 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAMacros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <mutex>
 #include <tuple>
 
 #include "common/adam_args.h"
@@ -31,7 +34,8 @@ namespace {
 constexpr int kWarps = kBlockSize / 32;
 static_assert(kChunkSize % kMaxQuantBlock == 0, "chunks must hold whole quantization blocks");
 
-// A map as kernel argument; copied into shared memory by each thread block.
+// A map as the device holds it (in kMaps); each thread block copies the ones it uses into shared
+// memory.
 struct DeviceMap {
   int num_codes;
   float low;  // -1 (signed) or 0
@@ -51,6 +55,25 @@ DeviceMap device_map(int64_t bits, bool is_signed) {
     out.midpoints[i] = map.midpoints[i];
   }
   return out;
+}
+
+// The four maps, at map_index(bits, signed), in constant memory: a map passed as a by-value kernel
+// argument and indexed per thread would be copied into every thread's local memory.
+__constant__ DeviceMap kMaps[4];
+
+int map_index(int64_t bits, bool is_signed) {
+  return (bits == 8 ? 2 : 0) + (is_signed ? 1 : 0);
+}
+
+// Uploads kMaps to the current device, once per device. The upload is synchronous, so a step
+// captured in a CUDA graph needs one eager step on that device first (as torch's do, for states).
+void upload_maps() {
+  static std::once_flag uploaded[C10_COMPILE_TIME_MAX_GPUS];
+  std::call_once(uploaded[c10::cuda::current_device()], [] {
+    const DeviceMap maps[4] = {device_map(4, false), device_map(4, true), device_map(8, false),
+                               device_map(8, true)};
+    C10_CUDA_CHECK(cudaMemcpyToSymbol(kMaps, maps, sizeof(maps)));
+  });
 }
 
 struct SharedMap {
@@ -123,8 +146,8 @@ struct LowbitDeviceArgs {
   int64_t block_size;
   const float* grad_scale;  // the divisor (grad_scale / clip_coef), or nullptr
   const float* found_inf;
-  DeviceMap exp_avg_map;
-  DeviceMap exp_avg_sq_map;  // Adam only
+  int exp_avg_map;     // index into kMaps
+  int exp_avg_sq_map;  // Adam only
 };
 
 // kDepth 6 (Adam: p, g, m codes, m absmax, v codes, v absmax) or 4 (Lion: p, g, m codes, absmax).
@@ -135,9 +158,9 @@ struct LowbitFunctor {
       return;
     }
     __shared__ SharedMap m_map, v_map;
-    load_map(a.exp_avg_map, m_map);
+    load_map(kMaps[a.exp_avg_map], m_map);
     if constexpr (kDepth == 6) {
-      load_map(a.exp_avg_sq_map, v_map);
+      load_map(kMaps[a.exp_avg_sq_map], v_map);
     }
     __syncthreads();
     const int tensor = meta.block_to_tensor[blockIdx.x];
@@ -240,6 +263,7 @@ void run_lowbit(const char* op, at::ScalarType dtype, at::TensorList params, at:
                 LowbitDeviceArgs& args, const std::optional<at::Tensor>& grad_scale,
                 const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef) {
   check_clip_coef(op, clip_coef, params[0].device());
+  upload_maps();
   const std::optional<at::Tensor> divisor = gradient_divisor(grad_scale, clip_coef);
   args.grad_scale = divisor.has_value() ? divisor->const_data_ptr<float>() : nullptr;
   args.found_inf = found_inf.has_value() ? found_inf->const_data_ptr<float>() : nullptr;
@@ -280,8 +304,8 @@ void fused_adam_lowbit_cuda_impl(at::TensorList params, at::TensorList grads, at
   args.h = device_hyperparameters(device_lr_value, hp);
   args.bits = static_cast<int>(bits);
   args.block_size = block_size;
-  args.exp_avg_map = device_map(bits, true);
-  args.exp_avg_sq_map = device_map(bits, false);
+  args.exp_avg_map = map_index(bits, true);
+  args.exp_avg_sq_map = map_index(bits, false);
   run_lowbit(op, dtype, params, grads, {exp_avgs, exp_avg_absmaxes, exp_avg_sqs, exp_avg_sq_absmaxes},
              state_steps, args, grad_scale, found_inf, clip_coef);
 }
@@ -332,7 +356,7 @@ void fused_lion_lowbit_cuda(at::TensorList params, at::TensorList grads, at::Ten
   args.lion = true;
   args.bits = static_cast<int>(bits);
   args.block_size = block_size;
-  args.exp_avg_map = device_map(bits, true);
+  args.exp_avg_map = map_index(bits, true);
   run_lowbit(op, dtype, params, grads, {exp_avgs, exp_avg_absmaxes}, state_steps, args, grad_scale,
              found_inf, clip_coef);
 }
@@ -340,10 +364,10 @@ void fused_lion_lowbit_cuda(at::TensorList params, at::TensorList grads, at::Ten
 // ---- quantize_blockwise / dequantize_blockwise: one warp per block -----------------------------
 
 template <typename T>
-__global__ void quantize_kernel(const T* input, int64_t numel, int bits, int64_t block_size,
-                                const DeviceMap map, uint8_t* codes, float* absmax) {
+__global__ void quantize_kernel(const T* input, int64_t numel, int bits, int64_t block_size, int map,
+                                uint8_t* codes, float* absmax) {
   __shared__ SharedMap shared;
-  load_map(map, shared);
+  load_map(kMaps[map], shared);
   __syncthreads();
   const int lane = threadIdx.x % 32;
   const int64_t block = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
@@ -370,10 +394,13 @@ __global__ void quantize_kernel(const T* input, int64_t numel, int bits, int64_t
 }
 
 __global__ void dequantize_kernel(const uint8_t* codes, const float* absmax, int64_t numel, int bits,
-                                  int64_t block_size, const DeviceMap map, float* output) {
+                                  int64_t block_size, int map, float* output) {
+  __shared__ SharedMap shared;
+  load_map(kMaps[map], shared);
+  __syncthreads();
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < numel) {
-    output[i] = map.values[read_code(codes, bits, i)] * absmax[i / block_size];
+    output[i] = shared.values[read_code(codes, bits, i)] * absmax[i / block_size];
   }
 }
 
@@ -394,7 +421,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda(const at::Tensor& inp
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t grid = (blocks + kWarps - 1) / kWarps;
-  const DeviceMap map = device_map(bits, is_signed);
+  upload_maps();
+  const int map = map_index(bits, is_signed);
   auto launch = [&](auto tag) {
     using T = decltype(tag);
     quantize_kernel<T><<<grid, kBlockSize, 0, stream>>>(flat.const_data_ptr<T>(), numel, static_cast<int>(bits),
@@ -422,9 +450,10 @@ at::Tensor dequantize_blockwise_cuda(const at::Tensor& codes, const at::Tensor& 
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   constexpr int kThreads = 256;
+  upload_maps();
   dequantize_kernel<<<(numel + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
       codes.const_data_ptr<uint8_t>(), absmax.const_data_ptr<float>(), numel, static_cast<int>(bits),
-      block_size, device_map(bits, is_signed), output.data_ptr<float>());
+      block_size, map_index(bits, is_signed), output.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return output;
 }
