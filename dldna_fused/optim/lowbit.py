@@ -94,11 +94,11 @@ class _LowBitOptimizer(FusedOptimizer):
             return
         device = to_local([p])[0].device
         for key in self._state_keys:
-            if f"{key}_codes" in saved:
-                # torch.optim casts every state to a floating param's dtype: take codes and absmax
-                # from the state_dict as they were saved.
-                state[f"{key}_codes"] = torch.as_tensor(saved[f"{key}_codes"]).to(device, copy=True)
-                state[f"{key}_absmax"] = torch.as_tensor(saved[f"{key}_absmax"]).to(device, torch.float32, copy=True)
+            # torch.optim casts every state to a floating param's dtype: take codes and absmax from
+            # the state_dict as they were saved (a missing one is named by _check_loaded_state).
+            for name, dtype in ((f"{key}_codes", None), (f"{key}_absmax", torch.float32)):
+                if isinstance(saved.get(name), torch.Tensor):
+                    state[name] = saved[name].to(device, dtype, copy=True)
 
     def _state_spec(self, group: dict, p: torch.Tensor) -> dict:
         # The quantized states are checked by _check_loaded_state and _check_lists themselves.
