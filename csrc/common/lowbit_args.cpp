@@ -1,5 +1,6 @@
 #include "common/lowbit_args.h"
 
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include "common/lion_sophia_args.h"
@@ -84,6 +85,17 @@ at::ScalarType check_lion_lowbit_args(at::TensorList params, at::TensorList grad
   check_lion_hyperparameters(op, lr, beta1, beta2, weight_decay);
   return check_lowbit_lists(op, params, grads, {{"exp_avgs", exp_avgs, "exp_avg_absmaxes", exp_avg_absmaxes}},
                             state_steps, bits, block_size, grad_scale, found_inf);
+}
+
+QuantizeTensors prepare_quantize(const at::Tensor& input, int64_t bits, int64_t block_size) {
+  constexpr const char* op = "dldna_fused::quantize_blockwise";
+  check_quantization(op, bits, block_size);
+  TORCH_CHECK(is_supported_param_dtype(input.scalar_type()), op,
+              ": input must be float32, bfloat16 or float16, got ", input.scalar_type());
+  at::Tensor flat = input.contiguous();
+  const int64_t numel = flat.numel();
+  return {flat, at::empty({code_bytes(numel, static_cast<int>(bits))}, input.options().dtype(at::kByte)),
+          at::empty({num_blocks(numel, block_size)}, input.options().dtype(at::kFloat))};
 }
 
 void check_quantized(const char* op, const at::Tensor& codes, const at::Tensor& absmax, int64_t numel,

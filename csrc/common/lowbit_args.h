@@ -48,6 +48,15 @@ at::ScalarType check_lion_lowbit_args(at::TensorList params, at::TensorList grad
                                       int64_t block_size, const std::optional<at::Tensor>& grad_scale,
                                       const std::optional<at::Tensor>& found_inf);
 
+// quantize_blockwise's checks, and what it works on: the input flattened (contiguous), and
+// uninitialized codes and absmax of the right sizes on its device.
+struct QuantizeTensors {
+  at::Tensor flat;
+  at::Tensor codes;
+  at::Tensor absmax;
+};
+QuantizeTensors prepare_quantize(const at::Tensor& input, int64_t bits, int64_t block_size);
+
 // Codes and absmax of one tensor of `numel` elements, as dequantize_blockwise takes them.
 void check_quantized(const char* op, const at::Tensor& codes, const at::Tensor& absmax, int64_t numel,
                      int64_t bits, int64_t block_size);

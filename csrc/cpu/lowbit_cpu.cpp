@@ -239,14 +239,10 @@ void fused_lion_lowbit_cpu(at::TensorList params, at::TensorList grads, at::Tens
 
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu(const at::Tensor& input, int64_t bits,
                                                           bool is_signed, int64_t block_size) {
-  constexpr const char* op = "dldna_fused::quantize_blockwise";
-  check_quantization(op, bits, block_size);
-  TORCH_CHECK(is_supported_param_dtype(input.scalar_type()), op,
-              ": input must be float32, bfloat16 or float16, got ", input.scalar_type());
-  const at::Tensor flat = input.contiguous();
-  const int64_t numel = flat.numel();
-  at::Tensor codes = at::empty({code_bytes(numel, static_cast<int>(bits))}, input.options().dtype(at::kByte));
-  at::Tensor absmax = at::empty({num_blocks(numel, block_size)}, input.options().dtype(at::kFloat));
+  QuantizeTensors tensors = prepare_quantize(input, bits, block_size);
+  const at::Tensor& flat = tensors.flat;
+  at::Tensor& codes = tensors.codes;
+  at::Tensor& absmax = tensors.absmax;
   const cpu::QuantizeLaunch launch{kernel_dtype(flat.scalar_type()),
                                    static_cast<int>(bits),
                                    block_size,

@@ -406,16 +406,13 @@ __global__ void dequantize_kernel(const uint8_t* codes, const float* absmax, int
 
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda(const at::Tensor& input, int64_t bits,
                                                            bool is_signed, int64_t block_size) {
-  constexpr const char* op = "dldna_fused::quantize_blockwise";
-  check_quantization(op, bits, block_size);
-  TORCH_CHECK(is_supported_param_dtype(input.scalar_type()), op,
-              ": input must be float32, bfloat16 or float16, got ", input.scalar_type());
   const c10::cuda::CUDAGuard device_guard(input.device());
-  const at::Tensor flat = input.contiguous();
+  QuantizeTensors tensors = prepare_quantize(input, bits, block_size);
+  const at::Tensor& flat = tensors.flat;
+  at::Tensor& codes = tensors.codes;
+  at::Tensor& absmax = tensors.absmax;
   const int64_t numel = flat.numel();
-  const int64_t blocks = num_blocks(numel, block_size);
-  at::Tensor codes = at::empty({code_bytes(numel, static_cast<int>(bits))}, input.options().dtype(at::kByte));
-  at::Tensor absmax = at::empty({blocks}, input.options().dtype(at::kFloat));
+  const int64_t blocks = absmax.numel();
   if (numel == 0) {
     return {codes, absmax};
   }
