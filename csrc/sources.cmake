@@ -15,6 +15,7 @@ set(DLDNA_FUSED_SOURCES
     csrc/cpu/parallel.cpp
     csrc/cpu/kernels_default.cpp
     csrc/cpu/kernels_avx2.cpp
+    csrc/cpu/kernels_avx512.cpp
     csrc/cpu/adam_cpu.cpp
     csrc/cpu/lion_sophia_cpu.cpp
     csrc/cpu/adafactor_cpu.cpp

@@ -54,6 +54,18 @@ QuantMap build_map(int bits, bool is_signed) {
 
 }  // namespace
 
+std::vector<int> quant_map_runs(int bits, bool is_signed) {
+  if (bits == 4 && !is_signed) {
+    return {16};
+  }
+  std::vector<int> runs{1};  // 0
+  for (int i = 0; i < bits - 1; ++i) {
+    runs.push_back(is_signed ? 1 << i : 1 << (i + 1));
+  }
+  runs.push_back(1);  // 1
+  return runs;
+}
+
 const QuantMap& quant_map(int bits, bool is_signed) {
   TORCH_CHECK(bits == 8 || bits == 4, "dldna_fused: quantized states have 8 or 4 bits, got ", bits);
   static const QuantMap maps[2][2] = {{build_map(4, false), build_map(4, true)},

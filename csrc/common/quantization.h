@@ -30,6 +30,7 @@
 // unsigned at 8 bits, linear without zero at 4 bits.
 
 #include <cstdint>
+#include <vector>
 
 namespace dldna_fused {
 
@@ -47,6 +48,10 @@ struct QuantMap {
 
 // The map of a state kind; built once, on the host.
 const QuantMap& quant_map(int bits, bool is_signed);
+
+// The map's non-negative values, in ascending order, are runs of evenly spaced values: one per
+// exponent of a dynamic map, with 0 and 1 alone at the ends; all 16 of the linear map. Their lengths.
+std::vector<int> quant_map_runs(int bits, bool is_signed);
 
 // Bytes of codes for n elements.
 inline int64_t code_bytes(int64_t n, int bits) {

@@ -9,6 +9,11 @@
 // (the latter under `#pragma GCC target`, so the build needs no per-file flags), and
 // cpu_kernels() returns the AVX2 table when torch itself runs AVX2 or better on this CPU
 // (ATEN_CPU_CAPABILITY=default therefore forces the portable kernels in both libraries).
+// The low-bit kernels are table-bound, not memory-bound, and gain from AVX-512's in-register
+// tables: cpu/kernels_avx512.cpp compiles them once more, with AVX-512 and VBMI enabled, and
+// cpu_kernels() swaps them into the AVX2 table when torch runs AVX512 and the CPU has VBMI
+// (ATEN_CPU_CAPABILITY=avx2 keeps the AVX2 ones). That build names its own at::vec namespace, so
+// no inline function compiled for AVX-512 can stand in for the AVX2 build's copy at link time.
 // The kernel files see raw pointers only: tensors, checks and threading stay in the host files.
 
 #include <atomic>
@@ -164,13 +169,49 @@ struct ScaleLaunch {
 // midpoint). Positive magnitudes use entries [0, num_buckets), negative ones the next num_buckets,
 // where codes fall as the magnitude grows. The result equals the binary search over midpoints that
 // CUDA runs, for every float.
+struct QuantSimd;
+
 struct QuantLut {
   int shift;
   int32_t num_buckets;     // per sign
   const int32_t* entries;  // 2 * num_buckets
   const float* values;     // the map
   float low;               // -1 for a signed map, 0 for an unsigned one
+  const QuantSimd* simd;   // the same map for the AVX-512 kernels
 };
+
+// [Note: vectorized nearest code]
+// The AVX-512 kernels (cpu/lowbit_avx512.h) find the codes of 16 lanes with arithmetic and
+// in-register tables, with no memory read per element. A signed map is symmetric about its code
+// for 0 (the zero code), so each lane needs the rank r of a = |y| among the midpoints between the
+// map's non-negative values: code = zero + #{mid < a} for y >= 0, zero - min(#{mid <= a}, zero)
+// for y < 0 (an unsigned map has zero = 0 and no negative lanes).
+// - The non-negative values are runs of evenly spaced values (quant_map_runs). Inside a run the
+//   midpoints sit near the integers of t = a * scale + offset, so r = the run's first rank +
+//   clamp(floor(t) + 1, 0, length - 1).
+// - Which run a lies in is exact: neighbouring runs are split by a midpoint, and no octave holds
+//   two of them, so a's float exponent picks the octave's first run and its one boundary from
+//   32-entry tables, and an integer compare of float bits settles the side (a >= boundary for
+//   negative lanes, a > boundary for the others).
+// - t is off by about 1e-5 of a midpoint spacing (rounding of the map, its midpoints and the fma),
+//   far less than kNearTie. Lanes with t within kNearTie of an integer, ties included, are
+//   recomputed with the scalar table, so every float gets the code of [Note: nearest-code lookup];
+//   csrc/tests/test_cpu_kernels.cpp compares both on every float in [-1, 1].
+// Dequantizing reads an 8-bit map from registers too: its values as four 256-entry byte tables,
+// one per byte of the float, each looked up 64 codes at a time.
+struct QuantSimd {
+  // Octave k holds magnitudes whose exponent bits E have max(E, 96) % 32 == k.
+  int32_t octave_run[32];        // the run at the octave's low end
+  int32_t octave_boundary[32];   // float bits of the midpoint that ends that run, if inside the octave
+  float run_scale[16];           // t = a * scale + offset
+  float run_offset[16];
+  int32_t run_base[16];          // the run's first rank + 1
+  int32_t run_last[16];          // its length - 2: floor(t) is clamped to [-1, run_last]
+  int32_t zero;                  // the code of 0
+  bool is_signed;
+  uint8_t value_bytes[4][256];   // byte k of values[c] (8-bit maps)
+};
+constexpr float kNearTie = 1.f / 1024;
 // Float bits of 2^-24: smaller magnitudes share the first bucket (no map has a midpoint there).
 constexpr int32_t kQuantLowBits = (127 - 24) << 23;
 
@@ -219,7 +260,7 @@ struct QuantizeLaunch {
 struct DequantizeLaunch {
   int bits;
   int64_t block_size;
-  const float* values;  // the map
+  const QuantLut* lut;
   const uint8_t* codes;
   const float* absmax;
   float* output;
@@ -246,6 +287,9 @@ struct KernelTable {
 const KernelTable& kernels_default();
 // nullptr where the AVX2 build is not available (not x86-64, or not GCC/Clang).
 const KernelTable* kernels_avx2();
+// The AVX2 table with the low-bit kernels of cpu/lowbit_avx512.h, where this CPU has AVX-512 F, BW,
+// DQ, VL and VBMI; else nullptr.
+const KernelTable* kernels_avx512();
 
 // The table this process uses.
 const KernelTable& cpu_kernels();

@@ -4,20 +4,7 @@
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
 #define DLDNA_HAVE_AVX2_KERNELS 1
 #pragma GCC target("avx2,fma,f16c")
-// The pragma enables the instructions but not the feature macros that headers such as Sleef's test,
-// so set those too; everything below is compiled for AVX2 anyway.
-#ifndef __AVX__
-#define __AVX__ 1
-#endif
-#ifndef __AVX2__
-#define __AVX2__ 1
-#endif
-#ifndef __FMA__
-#define __FMA__ 1
-#endif
-#ifndef __F16C__
-#define __F16C__ 1
-#endif
+#include "cpu/avx2_feature_macros.h"
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
 #define DLDNA_KERNELS_NAMESPACE avx2

@@ -740,15 +740,26 @@ __attribute__((noinline, optimize("no-tree-vectorize"))) inline void lookup_valu
   }
 }
 
-DLDNA_ALWAYS_INLINE void dequantize_block(const uint8_t* codes, float absmax, const float* map, int bits,
+#if defined(DLDNA_LOWBIT_AVX512)
+#include "cpu/lowbit_avx512.h"
+#endif
+
+DLDNA_ALWAYS_INLINE void dequantize_block(const uint8_t* codes, float absmax, const QuantLut& lut, int bits,
                                           int64_t first, int64_t n, QuantBlock& scratch) {
+#if defined(DLDNA_LOWBIT_AVX512)
+  dequantize_block_avx512(codes, absmax, lut, bits, first, n, scratch.values);
+#else
   unpack_codes(codes, bits, first, n, scratch.codes);
-  lookup_values(map, scratch.codes, absmax, n, scratch.values);
+  lookup_values(lut.values, scratch.codes, absmax, n, scratch.values);
+#endif
 }
 
 // Requantizes values[0, n): returns the block's absmax and leaves the packed codes at `codes`.
 DLDNA_ALWAYS_INLINE float quantize_block(QuantBlock& scratch, const QuantLut& lut, int bits, int64_t first,
                             int64_t n, uint8_t* codes) {
+#if defined(DLDNA_LOWBIT_AVX512)
+  return quantize_block_avx512(scratch.values, lut, bits, first, n, codes);
+#else
   using VecMath = OpMath<FloatVec>;
   using Math = OpMath<float>;
   FloatVec lanes(0.f);
@@ -784,6 +795,7 @@ DLDNA_ALWAYS_INLINE float quantize_block(QuantBlock& scratch, const QuantLut& lu
   }
   pack_codes(scratch.codes, bits, first, n, codes);
   return absmax;
+#endif
 }
 
 template <typename P>
@@ -792,9 +804,8 @@ void adam_lowbit_block(const LowbitLaunch& launch, const LowbitTensorArgs& t, in
   const int64_t block = first / launch.block_size;
   const QuantLut& m_lut = *launch.exp_avg_lut;
   const QuantLut& v_lut = *launch.exp_avg_sq_lut;
-  dequantize_block(t.exp_avg.codes, t.exp_avg.absmax[block], m_lut.values, launch.bits, first, n, m);
-  dequantize_block(t.exp_avg_sq.codes, t.exp_avg_sq.absmax[block], v_lut.values, launch.bits, first,
-                   n, v);
+  dequantize_block(t.exp_avg.codes, t.exp_avg.absmax[block], m_lut, launch.bits, first, n, m);
+  dequantize_block(t.exp_avg_sq.codes, t.exp_avg_sq.absmax[block], v_lut, launch.bits, first, n, v);
   auto* param = static_cast<P*>(t.param) + first;
   auto* grad = static_cast<P*>(t.grad) + first;
   const AdamCoefficients& c = t.adam;
@@ -835,7 +846,7 @@ void lion_lowbit_block(const LowbitLaunch& launch, const LowbitTensorArgs& t, in
                        int64_t n, QuantBlock& m) {
   const int64_t block = first / launch.block_size;
   const QuantLut& lut = *launch.exp_avg_lut;
-  dequantize_block(t.exp_avg.codes, t.exp_avg.absmax[block], lut.values, launch.bits, first, n, m);
+  dequantize_block(t.exp_avg.codes, t.exp_avg.absmax[block], lut, launch.bits, first, n, m);
   auto* param = static_cast<P*>(t.param) + first;
   auto* grad = static_cast<P*>(t.grad) + first;
   const float unscale = launch.unscale_grads;
@@ -919,7 +930,7 @@ inline void dequantize_chunks(const DequantizeLaunch& launch, const Chunk* chunk
   thread_local QuantBlock tls_scratch;
   QuantBlock& scratch = tls_scratch;
   for_each_quant_block(chunks, num_chunks, launch.block_size, [&](int64_t, int64_t first, int64_t n) {
-    dequantize_block(launch.codes, launch.absmax[first / launch.block_size], launch.values, launch.bits,
+    dequantize_block(launch.codes, launch.absmax[first / launch.block_size], *launch.lut, launch.bits,
                      first, n, scratch);
     std::copy(scratch.values, scratch.values + n, launch.output + first);
   });

@@ -7,7 +7,9 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -34,8 +36,76 @@ int32_t bits_of(float value) {
   return bits;
 }
 
+// The tables of [Note: vectorized nearest code] in cpu/kernel_table.h.
+QuantSimd build_simd(const QuantMap& map, int bits) {
+  QuantSimd simd{};
+  simd.is_signed = map.is_signed;
+  while (map.values[simd.zero] < 0.f) {
+    ++simd.zero;
+  }
+  for (int k = 0; map.is_signed && k < simd.zero; ++k) {
+    TORCH_INTERNAL_ASSERT(map.values[simd.zero - 1 - k] == -map.values[simd.zero + 1 + k],
+                          "a signed quantization map that is not symmetric");
+  }
+  const float* magnitudes = map.values + simd.zero;
+  const float* midpoints = map.midpoints + simd.zero;  // between magnitudes k and k + 1
+  const std::vector<int> runs = quant_map_runs(bits, map.is_signed);
+  TORCH_INTERNAL_ASSERT(runs.size() <= 16);
+  std::vector<float> boundaries;  // the midpoint after each run but the last
+  int first = 0;
+  for (size_t r = 0; r < runs.size(); ++r) {
+    const int length = runs[r];
+    if (length == 1) {
+      simd.run_scale[r] = 0.f;  // t = -0.5: never near a tie, and clamped to the one rank
+      simd.run_offset[r] = -0.5f;
+    } else {
+      const double low = magnitudes[first];
+      const double step = (static_cast<double>(magnitudes[first + length - 1]) - low) / (length - 1);
+      simd.run_scale[r] = static_cast<float>(1.0 / step);
+      simd.run_offset[r] = static_cast<float>(-low / step - 0.5);
+    }
+    simd.run_base[r] = first + 1;
+    simd.run_last[r] = length - 2;
+    first += length;
+    if (r + 1 < runs.size()) {
+      boundaries.push_back(midpoints[first - 1]);
+    }
+  }
+  TORCH_INTERNAL_ASSERT(simd.zero + first == map.num_codes, "the runs do not cover the map");
+  for (int k = 0; k < 32; ++k) {
+    // Octave 0 also holds everything below 2^-30 (exponent bits under 96).
+    const float low = k == 0 ? 0.f : std::ldexp(1.f, k - 31);
+    const float high = std::ldexp(1.f, k - 30);
+    int below = 0;
+    int inside = 0;
+    simd.octave_boundary[k] = std::numeric_limits<int32_t>::max();
+    for (const float boundary : boundaries) {
+      below += boundary < low;
+      if (boundary >= low && boundary < high) {
+        ++inside;
+        simd.octave_boundary[k] = bits_of(boundary);
+      }
+    }
+    TORCH_INTERNAL_ASSERT(inside <= 1, "two run boundaries of a quantization map in one octave");
+    simd.octave_run[k] = below;
+  }
+  for (int c = 0; c < map.num_codes; ++c) {
+    const uint32_t value_bits = static_cast<uint32_t>(bits_of(map.values[c]));
+    for (int byte = 0; byte < 4; ++byte) {
+      simd.value_bytes[byte][c] = static_cast<uint8_t>(value_bits >> (8 * byte));
+    }
+  }
+  return simd;
+}
+
+// Built in place and never moved: lut points into entries and simd.
 struct LutStorage {
+  explicit LutStorage(const QuantMap& map, int bits);
+  LutStorage(const LutStorage&) = delete;
+  LutStorage& operator=(const LutStorage&) = delete;
+
   std::vector<int32_t> entries;
+  QuantSimd simd;
   QuantLut lut;
 };
 
@@ -79,16 +149,15 @@ bool fill_lut(const QuantMap& map, int mantissa_bits, LutStorage& out) {
       out.entries[b + negative * buckets] = (base << 20) | stored;
     }
   }
-  out.lut = {shift, buckets, out.entries.data(), map.values, map.is_signed ? -1.f : 0.f};
+  out.lut = {shift, buckets, out.entries.data(), map.values, map.is_signed ? -1.f : 0.f, &out.simd};
   return true;
 }
 
-LutStorage build_lut(const QuantMap& map) {
-  LutStorage storage;
+LutStorage::LutStorage(const QuantMap& map, int bits) : simd(build_simd(map, bits)) {
   // 4 mantissa bits at least, so that "no midpoint" (2^shift + 1) fits the entry's 20 bits.
   for (int mantissa_bits = 4; mantissa_bits <= 12; ++mantissa_bits) {
-    if (fill_lut(map, mantissa_bits, storage)) {
-      return storage;
+    if (fill_lut(map, mantissa_bits, *this)) {
+      return;
     }
   }
   TORCH_INTERNAL_ASSERT(false, "no lookup table fits this quantization map");
@@ -97,8 +166,8 @@ LutStorage build_lut(const QuantMap& map) {
 }  // namespace
 
 const QuantLut& quant_lut(int bits, bool is_signed) {
-  static const LutStorage tables[2][2] = {{build_lut(quant_map(4, false)), build_lut(quant_map(4, true))},
-                                          {build_lut(quant_map(8, false)), build_lut(quant_map(8, true))}};
+  static const LutStorage tables[2][2] = {{LutStorage(quant_map(4, false), 4), LutStorage(quant_map(4, true), 4)},
+                                          {LutStorage(quant_map(8, false), 8), LutStorage(quant_map(8, true), 8)}};
   return tables[bits == 8][is_signed].lut;
 }
 
@@ -258,7 +327,7 @@ at::Tensor dequantize_blockwise_cpu(const at::Tensor& codes, const at::Tensor& a
   check_quantized("dldna_fused::dequantize_blockwise", codes, absmax, numel, bits, block_size);
   at::Tensor output = at::empty({numel}, absmax.options());
   const cpu::DequantizeLaunch launch{static_cast<int>(bits), block_size,
-                                     quant_map(static_cast<int>(bits), is_signed).values,
+                                     &cpu::quant_lut(static_cast<int>(bits), is_signed),
                                      codes.const_data_ptr<uint8_t>(), absmax.const_data_ptr<float>(),
                                      output.data_ptr<float>()};
   cpu::parallel_over_chunks(cpu::make_chunks({output}), cpu::cpu_kernels().dequantize, launch);

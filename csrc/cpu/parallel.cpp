@@ -66,6 +66,9 @@ const KernelTable& cpu_kernels() {
 #else
     const bool cpu_has_avx2 = false;
 #endif
+    if (const KernelTable* avx512 = kernels_avx512(); avx512 && torch_capability == "AVX512") {
+      return *avx512;
+    }
     if (const KernelTable* avx2 = kernels_avx2(); avx2 && torch_uses_avx && cpu_has_avx2) {
       return *avx2;
     }

@@ -1,5 +1,6 @@
 // C++ tests of the CPU kernels, run by ctest: the op through the dispatcher against an independent
-// float64 loop, the portable and AVX2 kernel builds against each other, and the argument checks.
+// float64 loop, the portable, AVX2 and AVX-512 kernel builds against each other, and the argument
+// checks.
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -7,6 +8,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <functional>
 #include <string>
 #include <vector>
@@ -255,6 +257,52 @@ void test_argument_checks() {
 
 }  // namespace
 
+// The AVX-512 low-bit kernels give every float in [-1, 1] the code the AVX2 ones give: all 2^30 + 1
+// magnitudes, of both signs for signed maps ([Note: vectorized nearest code] in cpu/kernel_table.h).
+void test_avx512_codes_on_every_float() {
+  namespace cpu = dldna_fused::cpu;
+  const cpu::KernelTable* avx512 = cpu::kernels_avx512();
+  if (avx512 == nullptr) {
+    std::printf("skip: no AVX-512 VBMI low-bit kernels on this CPU\n");
+    return;
+  }
+  constexpr int64_t kBlock = 4096, kBlocks = 1024, kTotal = kBlock * kBlocks;
+  constexpr uint32_t kOneBits = 0x3f800000;
+  std::vector<float> input(kTotal);
+  std::vector<uint8_t> codes[2] = {std::vector<uint8_t>(kTotal), std::vector<uint8_t>(kTotal)};
+  std::vector<float> absmax(kBlocks);
+  for (int bits : {8, 4}) {
+    for (bool is_signed : {false, true}) {
+      const cpu::QuantLut* lut = &cpu::quant_lut(bits, is_signed);
+      int64_t differ = 0;
+      for (uint32_t sign = 0; sign < (is_signed ? 2u : 1u); ++sign) {
+        for (uint32_t next = 0; next <= kOneBits;) {
+          for (int64_t b = 0; b < kBlocks; ++b) {
+            input[b * kBlock] = 1.f;  // absmax 1, so y = x
+            for (int64_t k = 1; k < kBlock; ++k) {
+              const uint32_t magnitude = next <= kOneBits ? next++ : kOneBits;
+              const uint32_t pattern = magnitude | (sign << 31);
+              std::memcpy(&input[b * kBlock + k], &pattern, sizeof(float));
+            }
+          }
+          const cpu::Chunk chunk{0, 0, kTotal};
+          const cpu::KernelTable* tables[2] = {cpu::kernels_avx2(), avx512};
+          for (int t = 0; t < 2; ++t) {
+            const cpu::QuantizeLaunch launch{cpu::Dtype::Float, bits, kBlock, lut, input.data(),
+                                             {codes[t].data(), absmax.data()}};
+            tables[t]->quantize(launch, &chunk, 1);
+          }
+          for (int64_t i = 0; i < (bits == 8 ? kTotal : kTotal / 2); ++i) {
+            differ += codes[0][i] != codes[1][i];
+          }
+        }
+      }
+      expect(differ == 0, std::to_string(bits) + "-bit " + (is_signed ? "signed" : "unsigned") +
+                              " map: AVX-512 and AVX2 codes differ in " + std::to_string(differ) + " bytes");
+    }
+  }
+}
+
 int main() {
   at::manual_seed(1234);
   int cases = 0;
@@ -271,6 +319,7 @@ int main() {
   test_adafactor_kernel_builds_agree();
   test_grad_norm_and_scale_kernels();
   test_argument_checks();
+  test_avx512_codes_on_every_float();
   std::printf("%d Adam cases, kernel builds (Adam, Lion, Sophia, AdaFactor, norm, scale), argument checks: %s\n", cases, failures == 0 ? "ok" : "FAILED");
   return failures == 0 ? 0 : 1;
 }
