@@ -375,6 +375,71 @@ def test_lookup_table_agrees_with_search_on_a_float_sweep(bits, signed):
     assert torch.equal(codes, R.quantize_blockwise(x, bits, signed, 4096)[0])
 
 
+@pytest.mark.parametrize("bits,signed", MAPS, ids=MAP_IDS)
+def test_codes_next_to_every_midpoint_match_the_reference(bits, signed):
+    # The 129 floats on either side of, and at, every midpoint of the map (and their negatives for
+    # signed maps): where a vectorized code estimate would go wrong ([Note: vectorized nearest code]).
+    midpoints = (R.quantization_map(bits, signed)[1:] + R.quantization_map(bits, signed)[:-1]) / 2
+    midpoints = midpoints.abs().unique()
+    offsets = torch.arange(-64, 65, dtype=torch.int32)
+    magnitudes = (midpoints.view(torch.int32)[:, None] + offsets).reshape(-1).view(torch.float32).clamp(0, 1)
+    x = torch.cat([magnitudes, -magnitudes]) if signed else magnitudes
+    x = torch.nn.functional.pad(x, (0, -x.numel() % 4095), value=0.5).view(-1, 4095)
+    x = torch.cat([torch.ones(x.shape[0], 1), x], dim=1)  # absmax 1 in every block, so y = x
+    codes, _ = quantize_blockwise(x, bits, signed, 4096)
+    assert torch.equal(codes, R.quantize_blockwise(x, bits, signed, 4096)[0])
+
+
+def _avx512_vbmi_kernels() -> bool:
+    """Whether this process runs the AVX-512 low-bit kernels (cpu_kernels() in csrc/cpu/parallel.cpp)."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return torch.backends.cpu.get_cpu_capability() == "AVX512" and "avx512vbmi" in flags
+
+
+_THREE_STEPS = """
+import sys, torch
+from dldna_fused import optim
+out = {}
+for name, kwargs in [("AdamW8bit", {}), ("Adam8bit", {"weight_decay": 0.1}), ("AdamW4bit", {}),
+                     ("Lion8bit", {"weight_decay": 0.1, "maximize": True})]:
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(s, dtype=dtype)) for s in ((300, 101), (70001,), (4113,), (17,))]
+        opt = getattr(optim, name)(ps, min_8bit_size=0, **kwargs)
+        for _ in range(3):
+            for p in ps:
+                p.grad = torch.randn_like(p)
+            opt.step()
+        out[name, str(dtype)] = [(p.detach(), dict(opt.state[p])) for p in ps]
+torch.save(out, sys.argv[1])
+"""
+
+
+@pytest.mark.skipif(not _avx512_vbmi_kernels(), reason="needs the AVX-512 VBMI low-bit kernels")
+def test_avx512_and_avx2_kernels_agree_bit_for_bit(tmp_path):
+    # The same three steps with ATEN_CPU_CAPABILITY=avx2 (the AVX2 kernels) and without (AVX-512):
+    # params and every state entry equal, for every low-bit class and param dtype.
+    import os
+    import subprocess
+    import sys
+
+    results = {}
+    for capability in ("avx2", "avx512"):
+        path = tmp_path / f"{capability}.pt"
+        env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+        subprocess.run([sys.executable, "-c", _THREE_STEPS, str(path)], env=env, check=True)
+        results[capability] = torch.load(path)
+    assert results["avx2"].keys() == results["avx512"].keys()
+    for case, tensors in results["avx512"].items():
+        for (p, state), (p2, state2) in zip(tensors, results["avx2"][case]):
+            assert torch.equal(p, p2), case
+            assert state.keys() == state2.keys()
+            assert all(torch.equal(state[k], state2[k]) for k in state), case
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("cls", [optim.AdamW8bit, optim.Lion8bit], ids=["AdamW8bit", "Lion8bit"])
 def test_compiled_step_has_no_graph_break_and_matches_eager(cls):

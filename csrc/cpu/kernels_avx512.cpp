@@ -4,8 +4,12 @@
 #define DLDNA_HAVE_AVX512_KERNELS 1
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi")
 #include "cpu/avx2_feature_macros.h"
+// GCC 12 flags the _mm512_undefined_* pass-through operands inside its own intrinsic headers
+// (GCC bug 105593).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
-// at::vec's AVX2 code (8-lane FloatVec for the update rules), under a namespace of its own.
+// at::vec's AVX2 code (the bf16/fp16 conversions of vec_io.h), under a namespace of its own.
 #define CPU_CAPABILITY AVX2_AVX512_LOWBIT
 #define CPU_CAPABILITY_AVX2
 #define DLDNA_KERNELS_NAMESPACE avx512

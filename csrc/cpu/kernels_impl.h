@@ -15,6 +15,9 @@
 #include "common/sophia_math.h"
 #include "cpu/kernel_table.h"
 #include "cpu/vec_io.h"
+#if defined(DLDNA_LOWBIT_AVX512)
+#include "cpu/vec512.h"
+#endif
 
 namespace dldna_fused::cpu::DLDNA_KERNELS_NAMESPACE {
 
@@ -895,7 +898,11 @@ inline void adam_lowbit_chunks(const LowbitLaunch& launch, const Chunk* chunks, 
   QuantBlock& v = v_scratch;
   dispatch_param(launch.param_dtype, [&](auto p_tag) {
     for_each_quant_block(chunks, num_chunks, launch.block_size, [&](int64_t tensor, int64_t first, int64_t n) {
+#if defined(DLDNA_LOWBIT_AVX512)
+      adam_lowbit_block_avx512<decltype(p_tag)>(launch, launch.tensors[tensor], first, n, m, v);
+#else
       adam_lowbit_block<decltype(p_tag)>(launch, launch.tensors[tensor], first, n, m, v);
+#endif
     });
   });
 }
@@ -905,7 +912,11 @@ inline void lion_lowbit_chunks(const LowbitLaunch& launch, const Chunk* chunks, 
   QuantBlock& m = m_scratch;
   dispatch_param(launch.param_dtype, [&](auto p_tag) {
     for_each_quant_block(chunks, num_chunks, launch.block_size, [&](int64_t tensor, int64_t first, int64_t n) {
+#if defined(DLDNA_LOWBIT_AVX512)
+      lion_lowbit_block_avx512<decltype(p_tag)>(launch, launch.tensors[tensor], first, n, m);
+#else
       lion_lowbit_block<decltype(p_tag)>(launch, launch.tensors[tensor], first, n, m);
+#endif
     });
   });
 }

@@ -1,19 +1,23 @@
 #pragma once
-// Dequantizing and requantizing one block with AVX-512 (F, BW, DQ, VBMI): the method is
-// [Note: vectorized nearest code] in cpu/kernel_table.h. cpu/kernels_impl.h includes this file
-// inside its kernel namespace, in the build of cpu/kernels_avx512.cpp only, where <immintrin.h> is
-// already included and the instructions are enabled. The scalar helpers (nearest_code,
-// pack_codes) are kernels_impl.h's, so tails and near-tie lanes follow the AVX2 kernels exactly.
+// The low-bit kernels with AVX-512 (F, BW, DQ, VBMI): dequantize, update and requantize a block in
+// 16-lane registers, by the method of [Note: vectorized nearest code] in cpu/kernel_table.h.
+// cpu/kernels_impl.h includes this file inside its kernel namespace, in the build of
+// cpu/kernels_avx512.cpp only (which enables the instructions and includes cpu/vec512.h). The
+// scalar helpers (nearest_code, pack_codes) and the update rules are the ones every build uses, and
+// the elements the AVX2 kernels update one at a time (a block's last n % 16) are updated one at a
+// time here too, so both builds compute the same values.
 
-// Tables of one map, held in registers for a whole block.
+static_assert(kVecBlock == 16, "load16/store16 move one kVecBlock");
+
+// The nearest-code tables of one map, in registers for a whole block.
 struct QuantRegisters {
   __m512i octave_run[2];
   __m512i octave_boundary[2];
   __m512 run_scale;
   __m512 run_offset;
-  __m512i run_base;
+  __m512i run_code;  // the run's first code on the non-negative side, + 1
   __m512i run_last;
-  __m512i zero;
+  __m512i twice_zero;
   __m512 low;
 
   explicit QuantRegisters(const QuantLut& lut) {
@@ -24,9 +28,9 @@ struct QuantRegisters {
     }
     run_scale = _mm512_loadu_ps(s.run_scale);
     run_offset = _mm512_loadu_ps(s.run_offset);
-    run_base = _mm512_loadu_si512(s.run_base);
+    run_code = _mm512_add_epi32(_mm512_loadu_si512(s.run_base), _mm512_set1_epi32(s.zero));
     run_last = _mm512_loadu_si512(s.run_last);
-    zero = _mm512_set1_epi32(s.zero);
+    twice_zero = _mm512_set1_epi32(2 * s.zero);
     low = _mm512_set1_ps(lut.low);
   }
 };
@@ -46,24 +50,28 @@ DLDNA_ALWAYS_INLINE __m512i nearest_codes16(__m512 x, __m512 scale, const QuantR
   const __m512i octave = _mm512_max_epi32(_mm512_srli_epi32(magnitude, 23), _mm512_set1_epi32(96));
   __m512i run = _mm512_permutex2var_epi32(r.octave_run[0], octave, r.octave_run[1]);
   __m512i boundary = _mm512_permutex2var_epi32(r.octave_boundary[0], octave, r.octave_boundary[1]);
-  const __mmask16 negative = kSigned ? _mm512_movepi32_mask(bits) : __mmask16{0};
-  // a >= boundary on negative lanes: a > boundary - 1 (boundaries are positive floats).
-  boundary = _mm512_mask_sub_epi32(boundary, negative, boundary, one);
+  __mmask16 negative = 0;
+  if constexpr (kSigned) {
+    negative = _mm512_movepi32_mask(bits);
+    // a >= boundary on negative lanes: a > boundary - 1 (boundaries are positive floats).
+    boundary = _mm512_mask_sub_epi32(boundary, negative, boundary, one);
+  }
   run = _mm512_mask_add_epi32(run, _mm512_cmpgt_epi32_mask(magnitude, boundary), run, one);
   const __m512 t = _mm512_fmadd_ps(_mm512_castsi512_ps(magnitude), _mm512_permutexvar_ps(run, r.run_scale),
                                    _mm512_permutexvar_ps(run, r.run_offset));
-  const __m512 floor_t = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  const __m512 fraction = _mm512_sub_ps(t, floor_t);
-  near_tie = _mm512_cmp_ps_mask(fraction, _mm512_set1_ps(kNearTie), _CMP_LT_OQ) |
-             _mm512_cmp_ps_mask(fraction, _mm512_set1_ps(1.f - kNearTie), _CMP_GT_OQ);
-  const __m512i step = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvttps_epi32(floor_t), _mm512_set1_epi32(-1)),
+  // t - round(t) in one vreduceps (imm 8: round to nearest, no precision exception).
+  const __m512 from_integer = _mm512_abs_ps(_mm512_reduce_ps(t, 8));
+  near_tie = _mm512_cmp_ps_mask(from_integer, _mm512_set1_ps(kNearTie), _CMP_LT_OQ);
+  const __m512i floor_t = _mm512_cvt_roundps_epi32(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512i step = _mm512_min_epi32(_mm512_max_epi32(floor_t, _mm512_set1_epi32(-1)),
                                         _mm512_permutexvar_epi32(run, r.run_last));
-  const __m512i rank = _mm512_add_epi32(step, _mm512_permutexvar_epi32(run, r.run_base));
-  if constexpr (!kSigned) {
-    return rank;
+  __m512i code = _mm512_add_epi32(step, _mm512_permutexvar_epi32(run, r.run_code));
+  if constexpr (kSigned) {
+    // zero + rank -> zero - min(rank, zero) = max(2 zero - code, 0) on negative lanes.
+    code = _mm512_mask_sub_epi32(code, negative, r.twice_zero, code);
+    code = _mm512_mask_max_epi32(code, negative, code, _mm512_setzero_si512());
   }
-  const __m512i below_zero = _mm512_sub_epi32(r.zero, _mm512_min_epi32(rank, r.zero));
-  return _mm512_mask_blend_epi32(negative, _mm512_add_epi32(r.zero, rank), below_zero);
+  return code;
 }
 
 // Stores 16 codes of elements [first, first + 16) (first even at 4 bits).
@@ -90,9 +98,10 @@ DLDNA_ALWAYS_INLINE __m512i redo_near_ties(__m512i c, __mmask16 near_tie, const 
   return _mm512_load_si512(lanes);
 }
 
+// Codes of values[0, n), the elements [first, first + n) of a state.
 template <int kBits, bool kSigned>
-void quantize_vectors(const float* values, int64_t n, float scale, const QuantLut& lut, int64_t first,
-                      uint8_t* codes) {
+void quantize_values(const float* values, int64_t n, float scale, const QuantLut& lut, int64_t first,
+                     uint8_t* codes) {
   const QuantRegisters r(lut);
   const __m512 scale_vec = _mm512_set1_ps(scale);
   // Two vectors per iteration: independent chains, and one branch for both tie masks.
@@ -125,45 +134,62 @@ void quantize_vectors(const float* values, int64_t n, float scale, const QuantLu
   }
 }
 
-// Requantizes values[0, n) as quantize_block does: returns the block's absmax and writes the
-// packed codes of elements [first, first + n) at `codes`.
-inline float quantize_block_avx512(const float* values, const QuantLut& lut, int bits, int64_t first,
-                                   int64_t n, uint8_t* codes) {
-  // absmax as the largest |x| bit pattern: the order of non-negative floats, with NaN above all.
-  __m512i largest = _mm512_setzero_si512();
-  const __m512i magnitude_mask = _mm512_set1_epi32(0x7fffffff);
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    largest = _mm512_max_epu32(largest, _mm512_and_si512(_mm512_loadu_si512(values + i), magnitude_mask));
-  }
-  if (i < n) {
-    const __mmask16 tail = static_cast<__mmask16>((1u << (n - i)) - 1);
-    largest = _mm512_max_epu32(largest, _mm512_and_si512(_mm512_maskz_loadu_epi32(tail, values + i),
-                                                         magnitude_mask));
-  }
-  const uint32_t absmax_bits = _mm512_reduce_max_epu32(largest);
-  float absmax;
-  std::memcpy(&absmax, &absmax_bits, sizeof(absmax));
+// A block's absmax is the largest |x| bit pattern: the order of non-negative floats, with NaN (of
+// any sign) above all, as OpMath<float>::max lets NaN through.
+DLDNA_ALWAYS_INLINE __m512i magnitude_bits(__m512 x) {
+  return _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7fffffff));
+}
+
+inline float float_of_bits(uint32_t bits) {
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+
+// Requantizes with the block's absmax (given as its bits): stores the codes, returns the absmax.
+template <int kBits, bool kSigned>
+float requantize(const float* values, int64_t n, uint32_t absmax_bits, const QuantLut& lut, int64_t first,
+                 uint8_t* codes) {
+  const float absmax = float_of_bits(absmax_bits);
   const float scale = absmax > 0.f ? 1.f / absmax : 0.f;  // 0 for a NaN absmax too
-  if (bits == 8) {
-    lut.simd->is_signed ? quantize_vectors<8, true>(values, n, scale, lut, first, codes)
-                        : quantize_vectors<8, false>(values, n, scale, lut, first, codes);
-  } else {
-    lut.simd->is_signed ? quantize_vectors<4, true>(values, n, scale, lut, first, codes)
-                        : quantize_vectors<4, false>(values, n, scale, lut, first, codes);
-  }
+  quantize_values<kBits, kSigned>(values, n, scale, lut, first, codes);
   return absmax;
 }
 
-// out[i] = values[code of element first + i] * absmax for i < n, as dequantize_block computes.
-inline void dequantize_block_avx512(const uint8_t* codes, float absmax, const QuantLut& lut, int bits,
-                                    int64_t first, int64_t n, float* out) {
-  const __m512 scale = _mm512_set1_ps(absmax);
+// quantize_block's work for the quantize_blockwise op.
+inline float quantize_block_avx512(const float* values, const QuantLut& lut, int bits, int64_t first,
+                                   int64_t n, uint8_t* codes) {
+  __m512i largest = _mm512_setzero_si512();
   int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    largest = _mm512_max_epu32(largest, magnitude_bits(_mm512_loadu_ps(values + i)));
+  }
+  if (i < n) {
+    const __mmask16 tail = static_cast<__mmask16>((1u << (n - i)) - 1);
+    largest = _mm512_max_epu32(largest, magnitude_bits(_mm512_maskz_loadu_ps(tail, values + i)));
+  }
+  const uint32_t absmax_bits = _mm512_reduce_max_epu32(largest);
   if (bits == 8) {
-    // Byte b of every code's value from four 256-entry byte tables. The unpacks interleave within
-    // 128-bit lanes, so the codes are first put in the order that makes their output natural:
-    // position 16L + 4k + j takes code 16k + 4L + j.
+    return lut.simd->is_signed ? requantize<8, true>(values, n, absmax_bits, lut, first, codes)
+                               : requantize<8, false>(values, n, absmax_bits, lut, first, codes);
+  }
+  return lut.simd->is_signed ? requantize<4, true>(values, n, absmax_bits, lut, first, codes)
+                             : requantize<4, false>(values, n, absmax_bits, lut, first, codes);
+}
+
+// A map's values in registers, for dequantizing 64 codes at a time.
+template <int kBits>
+struct DequantRegisters;
+
+template <>
+struct DequantRegisters<8> {
+  // Byte b of every code's value from four 256-entry byte tables. The unpacks that assemble the
+  // floats interleave within 128-bit lanes, so the codes are first put in the order that makes
+  // their output natural: position 16L + 4k + j takes code 16k + 4L + j.
+  __m512i table[4][4];
+  __m512i reorder;
+
+  explicit DequantRegisters(const QuantLut& lut) {
     alignas(64) uint8_t order[64];
     for (int lane = 0; lane < 4; ++lane) {
       for (int k = 0; k < 4; ++k) {
@@ -172,50 +198,215 @@ inline void dequantize_block_avx512(const uint8_t* codes, float absmax, const Qu
         }
       }
     }
-    const __m512i reorder = _mm512_load_si512(order);
-    __m512i table[4][4];
+    reorder = _mm512_load_si512(order);
     for (int b = 0; b < 4; ++b) {
       for (int q = 0; q < 4; ++q) {
         table[b][q] = _mm512_loadu_si512(lut.simd->value_bytes[b] + 64 * q);
       }
     }
-    const uint8_t* src = codes + first;
-    for (; i + 64 <= n; i += 64) {
-      const __m512i c = _mm512_permutexvar_epi8(reorder, _mm512_loadu_si512(src + i));
-      const __mmask64 upper = _mm512_movepi8_mask(c);  // codes 128-255
-      __m512i byte[4];
-      for (int b = 0; b < 4; ++b) {
-        byte[b] = _mm512_mask_blend_epi8(upper, _mm512_permutex2var_epi8(table[b][0], c, table[b][1]),
-                                         _mm512_permutex2var_epi8(table[b][2], c, table[b][3]));
-      }
-      const __m512i low01 = _mm512_unpacklo_epi8(byte[0], byte[1]);
-      const __m512i high01 = _mm512_unpackhi_epi8(byte[0], byte[1]);
-      const __m512i low23 = _mm512_unpacklo_epi8(byte[2], byte[3]);
-      const __m512i high23 = _mm512_unpackhi_epi8(byte[2], byte[3]);
-      const __m512i value_bits[4] = {_mm512_unpacklo_epi16(low01, low23), _mm512_unpackhi_epi16(low01, low23),
-                                     _mm512_unpacklo_epi16(high01, high23), _mm512_unpackhi_epi16(high01, high23)};
-      for (int k = 0; k < 4; ++k) {
-        _mm512_storeu_ps(out + i + 16 * k, _mm512_mul_ps(_mm512_castsi512_ps(value_bits[k]), scale));
-      }
-    }
-    for (; i < n; ++i) {
-      out[i] = lut.values[src[i]] * absmax;
-    }
-    return;
   }
-  // 4 bits: 16 codes in 8 bytes; each byte becomes a 64-bit pair (low nibble, high nibble).
-  const __m512 map = _mm512_loadu_ps(lut.values);
-  const uint8_t* src = codes + first / 2;
-  const __m512i low_nibble = _mm512_set1_epi64(0x0f);
-  const __m512i high_nibble = _mm512_set1_epi64(0xf0);
-  for (; i + 16 <= n; i += 16) {
-    const __m512i bytes = _mm512_cvtepu8_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + i / 2)));
-    const __m512i c = _mm512_or_si512(_mm512_and_si512(bytes, low_nibble),
-                                      _mm512_slli_epi64(_mm512_and_si512(bytes, high_nibble), 28));
-    _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_permutexvar_ps(c, map), scale));
+
+  // out[k] = values of the codes of elements [element + 16k, element + 16k + 16), times absmax.
+  DLDNA_ALWAYS_INLINE void dequantize64(const uint8_t* codes, int64_t element, __m512 absmax, __m512* out) const {
+    const __m512i c = _mm512_permutexvar_epi8(reorder, _mm512_loadu_si512(codes + element));
+    const __mmask64 upper = _mm512_movepi8_mask(c);  // codes 128-255
+    __m512i byte[4];
+    for (int b = 0; b < 4; ++b) {
+      byte[b] = _mm512_mask_blend_epi8(upper, _mm512_permutex2var_epi8(table[b][0], c, table[b][1]),
+                                       _mm512_permutex2var_epi8(table[b][2], c, table[b][3]));
+    }
+    const __m512i low01 = _mm512_unpacklo_epi8(byte[0], byte[1]);
+    const __m512i high01 = _mm512_unpackhi_epi8(byte[0], byte[1]);
+    const __m512i low23 = _mm512_unpacklo_epi8(byte[2], byte[3]);
+    const __m512i high23 = _mm512_unpackhi_epi8(byte[2], byte[3]);
+    const __m512i value_bits[4] = {_mm512_unpacklo_epi16(low01, low23), _mm512_unpackhi_epi16(low01, low23),
+                                   _mm512_unpacklo_epi16(high01, high23), _mm512_unpackhi_epi16(high01, high23)};
+    for (int k = 0; k < 4; ++k) {
+      out[k] = _mm512_mul_ps(_mm512_castsi512_ps(value_bits[k]), absmax);
+    }
+  }
+};
+
+template <>
+struct DequantRegisters<4> {
+  __m512 map;  // all 16 values
+
+  explicit DequantRegisters(const QuantLut& lut) : map(_mm512_loadu_ps(lut.values)) {}
+
+  DLDNA_ALWAYS_INLINE void dequantize64(const uint8_t* codes, int64_t element, __m512 absmax, __m512* out) const {
+    // 16 codes in 8 bytes; each byte becomes a 64-bit pair (low nibble, high nibble).
+    const __m512i low_nibble = _mm512_set1_epi64(0x0f);
+    const __m512i high_nibble = _mm512_set1_epi64(0xf0);
+    for (int k = 0; k < 4; ++k) {
+      const __m512i bytes = _mm512_cvtepu8_epi64(
+          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + (element + 16 * k) / 2)));
+      const __m512i c = _mm512_or_si512(_mm512_and_si512(bytes, low_nibble),
+                                        _mm512_slli_epi64(_mm512_and_si512(bytes, high_nibble), 28));
+      out[k] = _mm512_mul_ps(_mm512_permutexvar_ps(c, map), absmax);
+    }
+  }
+};
+
+// The value of one element's code, times absmax.
+inline float dequantize_one(const uint8_t* codes, int bits, int64_t element, const QuantLut& lut, float absmax) {
+  const uint8_t byte = codes[bits == 8 ? element : element / 2];
+  const int code = bits == 8 ? byte : (element % 2 == 0 ? byte & 15 : byte >> 4);
+  return lut.values[code] * absmax;
+}
+
+// dequantize_block's work for the dequantize_blockwise op.
+inline void dequantize_block_avx512(const uint8_t* codes, float absmax, const QuantLut& lut, int bits,
+                                    int64_t first, int64_t n, float* out) {
+  const __m512 scale = _mm512_set1_ps(absmax);
+  int64_t i = 0;
+  __m512 values[4];
+  if (bits == 8) {
+    const DequantRegisters<8> regs(lut);
+    for (; i + 64 <= n; i += 64) {
+      regs.dequantize64(codes, first + i, scale, values);
+      for (int k = 0; k < 4; ++k) {
+        _mm512_storeu_ps(out + i + 16 * k, values[k]);
+      }
+    }
+  } else {
+    const DequantRegisters<4> regs(lut);
+    for (; i + 64 <= n; i += 64) {
+      regs.dequantize64(codes, first + i, scale, values);
+      for (int k = 0; k < 4; ++k) {
+        _mm512_storeu_ps(out + i + 16 * k, values[k]);
+      }
+    }
   }
   for (; i < n; ++i) {
-    const uint8_t byte = src[i / 2];
-    out[i] = lut.values[i % 2 == 0 ? byte & 15 : byte >> 4] * absmax;
+    out[i] = dequantize_one(codes, bits, first + i, lut, absmax);
+  }
+}
+
+// One low-bit Adam or Lion block: elements [first, first + n) of tensor t, with kStates states
+// (Lion: exp_avg; Adam: exp_avg, exp_avg_sq) and the rule as update16(p, g, states) on 16 lanes
+// and update1(p, g, states) on one element.
+// The new fp32 states go to scratch[s], then are requantized with their new absmax.
+template <typename P, int kBits, int kStates, typename Update16, typename Update1>
+void lowbit_block_avx512(const LowbitLaunch& launch, const LowbitTensorArgs& t, int64_t first, int64_t n,
+                         float* const* scratch, Update16&& update16, Update1&& update1) {
+  const int64_t block = first / launch.block_size;
+  const QuantState* states[2] = {&t.exp_avg, &t.exp_avg_sq};
+  const QuantLut* luts[2] = {launch.exp_avg_lut, launch.exp_avg_sq_lut};
+  P* param = static_cast<P*>(t.param) + first;
+  P* grad = static_cast<P*>(t.grad) + first;
+  const float unscale = launch.unscale_grads;
+  const Vec512 unscale_vec(unscale);
+  __m512 absmax[kStates];
+  __m512i largest[kStates];
+  for (int s = 0; s < kStates; ++s) {
+    absmax[s] = _mm512_set1_ps(states[s]->absmax[block]);
+    largest[s] = _mm512_setzero_si512();
+  }
+  // Rule on 16 lanes whose states are in registers; the new states go to the scratch.
+  auto lanes16 = [&](int64_t at, Vec512* state) {
+    Vec512 p = load16(param + at);
+    const Vec512 g = load16(grad + at);
+    update16(p, g, state);
+    store16(param + at, p);
+    if (unscale != 0.f) {
+      store16(grad + at, g * unscale_vec);
+    }
+    for (int s = 0; s < kStates; ++s) {
+      _mm512_storeu_ps(scratch[s] + at, state[s].v);
+      largest[s] = _mm512_max_epu32(largest[s], magnitude_bits(state[s].v));
+    }
+  };
+  int64_t i = 0;
+  {
+    // The signed map is exp_avg's, the unsigned one exp_avg_sq's, at either width.
+    const DequantRegisters<kBits> m_regs(*luts[0]);
+    const DequantRegisters<kBits> v_regs(*luts[kStates - 1]);
+    for (; i + 64 <= n; i += 64) {
+      __m512 values[kStates][4];
+      m_regs.dequantize64(states[0]->codes, first + i, absmax[0], values[0]);
+      if constexpr (kStates == 2) {
+        v_regs.dequantize64(states[1]->codes, first + i, absmax[1], values[1]);
+      }
+      for (int k = 0; k < 4; ++k) {
+        Vec512 state[kStates];
+        for (int s = 0; s < kStates; ++s) {
+          state[s] = Vec512(values[s][k]);
+        }
+        lanes16(i + 16 * k, state);
+      }
+    }
+  }
+  // The block's last n % 64: whole vectors of 16, then one element at a time, as the AVX2 kernels.
+  for (; i + 16 <= n; i += 16) {
+    Vec512 state[kStates];
+    for (int s = 0; s < kStates; ++s) {
+      alignas(64) float values[16];
+      for (int k = 0; k < 16; ++k) {
+        values[k] = dequantize_one(states[s]->codes, kBits, first + i + k, *luts[s], states[s]->absmax[block]);
+      }
+      state[s] = Vec512(_mm512_load_ps(values));
+    }
+    lanes16(i, state);
+  }
+  uint32_t largest_bits[kStates];
+  for (int s = 0; s < kStates; ++s) {
+    largest_bits[s] = _mm512_reduce_max_epu32(largest[s]);
+  }
+  for (; i < n; ++i) {
+    float p = static_cast<float>(param[i]);
+    float state[kStates];
+    for (int s = 0; s < kStates; ++s) {
+      state[s] = dequantize_one(states[s]->codes, kBits, first + i, *luts[s], states[s]->absmax[block]);
+    }
+    update1(p, static_cast<float>(grad[i]), state);
+    param[i] = static_cast<P>(p);
+    if (unscale != 0.f) {
+      store_unscaled(grad, i, unscale);
+    }
+    for (int s = 0; s < kStates; ++s) {
+      scratch[s][i] = state[s];
+      uint32_t bits;
+      std::memcpy(&bits, &state[s], sizeof(bits));
+      largest_bits[s] = std::max(largest_bits[s], bits & 0x7fffffffu);
+    }
+  }
+  states[0]->absmax[block] = requantize<kBits, true>(scratch[0], n, largest_bits[0], *luts[0], first,
+                                                     states[0]->codes);
+  if constexpr (kStates == 2) {
+    states[1]->absmax[block] = requantize<kBits, false>(scratch[1], n, largest_bits[1], *luts[1], first,
+                                                        states[1]->codes);
+  }
+}
+
+template <typename P>
+void adam_lowbit_block_avx512(const LowbitLaunch& launch, const LowbitTensorArgs& t, int64_t first, int64_t n,
+                              QuantBlock& m, QuantBlock& v) {
+  float* const scratch[2] = {m.values, v.values};
+  const AdamCoefficients& c = t.adam;
+  auto update16 = [&](Vec512& p, Vec512 g, Vec512* state) {
+    Vec512 unused;
+    adam_update(p, g, state[0], state[1], unused, c);
+  };
+  auto update1 = [&](float& p, float g, float* state) {
+    float unused = 0.f;
+    adam_update(p, g, state[0], state[1], unused, c);
+  };
+  if (launch.bits == 8) {
+    lowbit_block_avx512<P, 8, 2>(launch, t, first, n, scratch, update16, update1);
+  } else {
+    lowbit_block_avx512<P, 4, 2>(launch, t, first, n, scratch, update16, update1);
+  }
+}
+
+template <typename P>
+void lion_lowbit_block_avx512(const LowbitLaunch& launch, const LowbitTensorArgs& t, int64_t first, int64_t n,
+                              QuantBlock& m) {
+  float* const scratch[1] = {m.values};
+  auto update16 = [&](Vec512& p, Vec512 g, Vec512* state) { lion_update(p, g, state[0], launch.lion); };
+  auto update1 = [&](float& p, float g, float* state) { lion_update(p, g, state[0], launch.lion); };
+  if (launch.bits == 8) {
+    lowbit_block_avx512<P, 8, 1>(launch, t, first, n, scratch, update16, update1);
+  } else {
+    lowbit_block_avx512<P, 4, 1>(launch, t, first, n, scratch, update16, update1);
   }
 }
