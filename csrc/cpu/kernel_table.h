@@ -183,20 +183,23 @@ struct QuantLut {
 // [Note: vectorized nearest code]
 // The AVX-512 kernels (cpu/lowbit_avx512.h) find the codes of 16 lanes with arithmetic and
 // in-register tables, with no memory read per element. A signed map is symmetric about its code
-// for 0 (the zero code), so each lane needs the rank r of a = |y| among the midpoints between the
+// for 0 (the zero code), so each lane needs the rank of a = |y| among the midpoints between the
 // map's non-negative values: code = zero + #{mid < a} for y >= 0, zero - min(#{mid <= a}, zero)
-// for y < 0 (an unsigned map has zero = 0 and no negative lanes).
+// = max(2 zero - (zero + #{mid <= a}), 0) for y < 0 (an unsigned map has zero = 0 and no negative
+// lanes). So it suffices to find c(a) = zero + that rank.
 // - The non-negative values are runs of evenly spaced values (quant_map_runs). Inside a run the
-//   midpoints sit near the integers of t = a * scale + offset, so r = the run's first rank +
-//   clamp(floor(t) + 1, 0, length - 1).
+//   midpoints sit near the integers of t = a * scale + offset, the offset chosen so that
+//   c(a) = min(floor(t), the run's last code). No lower clamp is needed: at a run's lower end t
+//   is at least its first code, or within kNearTie below it (the builder checks; the first value
+//   of the linear 4-bit map is a run of its own for that).
 // - Which run a lies in is exact: neighbouring runs are split by a midpoint, and no octave holds
 //   two of them, so a's float exponent picks the octave's first run and its one boundary from
 //   32-entry tables, and an integer compare of float bits settles the side (a >= boundary for
 //   negative lanes, a > boundary for the others).
-// - t is off by about 1e-5 of a midpoint spacing (rounding of the map, its midpoints and the fma),
-//   far less than kNearTie. Lanes with t within kNearTie of an integer, ties included, are
-//   recomputed with the scalar table, so every float gets the code of [Note: nearest-code lookup];
-//   csrc/tests/test_cpu_kernels.cpp compares both on every float in [-1, 1].
+// - t is off by about 1e-5 of a midpoint spacing (rounding of the map, its midpoints, the tables
+//   and the fma), far less than kNearTie. Lanes with t within kNearTie of an integer, ties
+//   included, are recomputed with the scalar table, so every float gets the code of [Note:
+//   nearest-code lookup]; csrc/tests/test_cpu_kernels.cpp compares both on every float in [-1, 1].
 // Dequantizing reads an 8-bit map from registers too: its values as four 256-entry byte tables,
 // one per byte of the float, each looked up 64 codes at a time.
 struct QuantSimd {
@@ -205,8 +208,7 @@ struct QuantSimd {
   int32_t octave_boundary[32];   // float bits of the midpoint that ends that run, if inside the octave
   float run_scale[16];           // t = a * scale + offset
   float run_offset[16];
-  int32_t run_base[16];          // the run's first rank + 1
-  int32_t run_last[16];          // its length - 2: floor(t) is clamped to [-1, run_last]
+  int32_t run_last[16];          // the run's last code (zero + its last rank)
   int32_t zero;                  // the code of 0
   bool is_signed;
   uint8_t value_bytes[4][256];   // byte k of values[c] (8-bit maps)

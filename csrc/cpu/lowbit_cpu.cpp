@@ -49,23 +49,36 @@ QuantSimd build_simd(const QuantMap& map, int bits) {
   }
   const float* magnitudes = map.values + simd.zero;
   const float* midpoints = map.midpoints + simd.zero;  // between magnitudes k and k + 1
-  const std::vector<int> runs = quant_map_runs(bits, map.is_signed);
+  std::vector<int> runs = quant_map_runs(bits, map.is_signed);
+  // t must not start below the run's first code (checked below). A first run that starts above 0
+  // by more than half a step would at a = 0 (the linear map); alone, its first value does not.
+  if (runs[0] > 1 && magnitudes[0] > 0.5 * (magnitudes[1] - magnitudes[0])) {
+    runs[0] -= 1;
+    runs.insert(runs.begin(), 1);
+  }
   TORCH_INTERNAL_ASSERT(runs.size() <= 16);
   std::vector<float> boundaries;  // the midpoint after each run but the last
   int first = 0;
   for (size_t r = 0; r < runs.size(); ++r) {
     const int length = runs[r];
-    if (length == 1) {
-      simd.run_scale[r] = 0.f;  // t = -0.5: never near a tie, and clamped to the one rank
-      simd.run_offset[r] = -0.5f;
-    } else {
+    // code(a) = floor(t) for a in the run: its first code at the first midpoint's left, the next
+    // code past each midpoint (at the integers of t).
+    const double first_code = simd.zero + first;
+    double scale = 0.0;
+    double offset = first_code + 0.5;  // a run of one value: t stays half a code above it
+    if (length > 1) {
       const double low = magnitudes[first];
       const double step = (static_cast<double>(magnitudes[first + length - 1]) - low) / (length - 1);
-      simd.run_scale[r] = static_cast<float>(1.0 / step);
-      simd.run_offset[r] = static_cast<float>(-low / step - 0.5);
+      scale = 1.0 / step;
+      offset = first_code + 0.5 - low / step;
     }
-    simd.run_base[r] = first + 1;
-    simd.run_last[r] = length - 2;
+    // Lanes just above the run's lower end get floor(t) >= its first code, or are near a tie.
+    const double lower_end = first == 0 ? 0.0 : midpoints[first - 1];
+    TORCH_INTERNAL_ASSERT(lower_end * scale + offset >= first_code - kNearTie / 2,
+                          "a quantization map run whose codes need a lower clamp");
+    simd.run_scale[r] = static_cast<float>(scale);
+    simd.run_offset[r] = static_cast<float>(offset);
+    simd.run_last[r] = simd.zero + first + length - 1;
     first += length;
     if (r + 1 < runs.size()) {
       boundaries.push_back(midpoints[first - 1]);
