@@ -1,6 +1,6 @@
 // The low-bit ops on the CPU: fused_adam_lowbit_, fused_lion_lowbit_, quantize_blockwise and
 // dequantize_blockwise (see [Note: blockwise quantized states] in common/quantization.h), and the
-// lookup tables of [Note: nearest-code lookup] in cpu/kernel_table.h.
+// tables of [Note: nearest-code lookup] and [Note: vectorized nearest code] in cpu/kernel_table.h.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
