@@ -15,6 +15,8 @@
 // (ATEN_CPU_CAPABILITY=avx2 keeps the AVX2 ones). That build names its own at::vec namespace, so
 // no inline function compiled for AVX-512 can stand in for the AVX2 build's copy at link time.
 // The kernel files see raw pointers only: tensors, checks and threading stay in the host files.
+// ctest (csrc/tests/check_kernel_symbols.sh) checks that those files define no weak symbol outside
+// their own namespaces, since the linker would keep one copy of it for every caller.
 
 #include <atomic>
 #include <cstdint>
