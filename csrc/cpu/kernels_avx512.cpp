@@ -9,6 +9,8 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
+
+#include <array>
 // at::vec's AVX2 code (the bf16/fp16 conversions of vec_io.h), under a namespace of its own.
 #define CPU_CAPABILITY AVX2_AVX512_LOWBIT
 #define CPU_CAPABILITY_AVX2

@@ -187,15 +187,18 @@ struct DequantRegisters<8> {
   __m512i reorder;
 
   explicit DequantRegisters(const QuantLut& lut) {
-    alignas(64) uint8_t order[64];
-    for (int lane = 0; lane < 4; ++lane) {
-      for (int k = 0; k < 4; ++k) {
-        for (int j = 0; j < 4; ++j) {
-          order[16 * lane + 4 * k + j] = static_cast<uint8_t>(16 * k + 4 * lane + j);
+    alignas(64) static constexpr std::array<uint8_t, 64> kOrder = [] {
+      std::array<uint8_t, 64> order{};
+      for (int lane = 0; lane < 4; ++lane) {
+        for (int k = 0; k < 4; ++k) {
+          for (int j = 0; j < 4; ++j) {
+            order[16 * lane + 4 * k + j] = static_cast<uint8_t>(16 * k + 4 * lane + j);
+          }
         }
       }
-    }
-    reorder = _mm512_load_si512(order);
+      return order;
+    }();
+    reorder = _mm512_load_si512(kOrder.data());
     for (int b = 0; b < 4; ++b) {
       for (int q = 0; q < 4; ++q) {
         table[b][q] = _mm512_loadu_si512(lut.simd->value_bytes[b] + 64 * q);
