@@ -406,22 +406,26 @@ out = {}
 for name, kwargs in [("AdamW8bit", {}), ("Adam8bit", {"weight_decay": 0.1}), ("AdamW4bit", {}),
                      ("Lion8bit", {"weight_decay": 0.1, "maximize": True})]:
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        torch.manual_seed(0)
-        ps = [torch.nn.Parameter(torch.randn(s, dtype=dtype)) for s in ((300, 101), (70001,), (4113,), (17,))]
-        opt = getattr(optim, name)(ps, min_8bit_size=0, **kwargs)
-        for _ in range(3):
-            for p in ps:
-                p.grad = torch.randn_like(p)
-            opt.step()
-        out[name, str(dtype)] = [(p.detach(), dict(opt.state[p])) for p in ps]
+        for scale in (None, 1024.0):  # GradScaler's tensors: the grads are written back unscaled
+            torch.manual_seed(0)
+            ps = [torch.nn.Parameter(torch.randn(s, dtype=dtype)) for s in ((300, 101), (70001,), (4113,), (17,))]
+            opt = getattr(optim, name)(ps, min_8bit_size=0, **kwargs)
+            for _ in range(3):
+                for p in ps:
+                    p.grad = torch.randn_like(p) * (scale or 1.0)
+                if scale is not None:
+                    opt.grad_scale, opt.found_inf = torch.tensor([scale]), torch.tensor([0.0])
+                opt.step()
+            out[name, str(dtype), scale] = [(p.detach(), p.grad, dict(opt.state[p])) for p in ps]
 torch.save(out, sys.argv[1])
 """
 
 
 @pytest.mark.skipif(not _avx512_vbmi_kernels(), reason="needs the AVX-512 VBMI low-bit kernels")
 def test_avx512_and_avx2_kernels_agree_bit_for_bit(tmp_path):
-    # The same three steps with ATEN_CPU_CAPABILITY=avx2 (the AVX2 kernels) and without (AVX-512):
-    # params and every state entry equal, for every low-bit class and param dtype.
+    # The same three steps with ATEN_CPU_CAPABILITY=avx2 (the AVX2 kernels) and =avx512: params,
+    # grads and every state entry equal, for every low-bit class and param dtype, with and without
+    # GradScaler's tensors.
     import os
     import subprocess
     import sys
@@ -434,8 +438,8 @@ def test_avx512_and_avx2_kernels_agree_bit_for_bit(tmp_path):
         results[capability] = torch.load(path)
     assert results["avx2"].keys() == results["avx512"].keys()
     for case, tensors in results["avx512"].items():
-        for (p, state), (p2, state2) in zip(tensors, results["avx2"][case]):
-            assert torch.equal(p, p2), case
+        for (p, grad, state), (p2, grad2, state2) in zip(tensors, results["avx2"][case]):
+            assert torch.equal(p, p2) and torch.equal(grad, grad2), case
             assert state.keys() == state2.keys()
             assert all(torch.equal(state[k], state2[k]) for k in state), case
 

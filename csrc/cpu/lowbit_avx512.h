@@ -259,23 +259,19 @@ inline void dequantize_block_avx512(const uint8_t* codes, float absmax, const Qu
                                     int64_t first, int64_t n, float* out) {
   const __m512 scale = _mm512_set1_ps(absmax);
   int64_t i = 0;
-  __m512 values[4];
+  auto vectors = [&](const auto& regs) {
+    for (; i + 64 <= n; i += 64) {
+      __m512 values[4];
+      regs.dequantize64(codes, first + i, scale, values);
+      for (int k = 0; k < 4; ++k) {
+        _mm512_storeu_ps(out + i + 16 * k, values[k]);
+      }
+    }
+  };
   if (bits == 8) {
-    const DequantRegisters<8> regs(lut);
-    for (; i + 64 <= n; i += 64) {
-      regs.dequantize64(codes, first + i, scale, values);
-      for (int k = 0; k < 4; ++k) {
-        _mm512_storeu_ps(out + i + 16 * k, values[k]);
-      }
-    }
+    vectors(DequantRegisters<8>(lut));
   } else {
-    const DequantRegisters<4> regs(lut);
-    for (; i + 64 <= n; i += 64) {
-      regs.dequantize64(codes, first + i, scale, values);
-      for (int k = 0; k < 4; ++k) {
-        _mm512_storeu_ps(out + i + 16 * k, values[k]);
-      }
-    }
+    vectors(DequantRegisters<4>(lut));
   }
   for (; i < n; ++i) {
     out[i] = dequantize_one(codes, bits, first + i, lut, absmax);
