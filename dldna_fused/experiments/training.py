@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from dldna_fused.bench import optimizer_state_bytes
+from dldna_fused.experiments.checkpoints import (CheckpointFormatError, load_weights, read_checkpoint,
+                                                 save_checkpoint)
 from dldna_fused.experiments.models import activation_name, build_model, fit_to_data
 
 DEFAULT_SAVE_DIR = "./tmp/models"
@@ -114,12 +116,6 @@ def reset_peak_memory(device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def save_checkpoint(model: nn.Module, path: Path, epoch: int, metrics: dict) -> None:
-    config = model.config() if hasattr(model, "config") else None
-    torch.save({"class": type(model).__name__, "config": config, "state_dict": model.state_dict(),
-                "epoch": epoch, "metrics": metrics}, path)
-
-
 def train_model(model: nn.Module, train_loader, test_loader, device, optimizer=None, epochs: int = 10,
                 save_dir: str | Path = DEFAULT_SAVE_DIR, retrain: bool = False, batch_size: int | None = None,
                 loss_func=None, progress: bool = True) -> dict:
@@ -129,7 +125,8 @@ def train_model(model: nn.Module, train_loader, test_loader, device, optimizer=N
     After every epoch the model is saved to ``save_dir/<class>-<activation>-epoch<n>.pth`` and,
     at the end, to ``<class>-<activation>.pth`` (``load_model`` reads both). Unless ``retrain``,
     an existing final checkpoint is loaded into ``model`` instead of training, and its metrics are
-    returned. ``optimizer`` defaults to dldna_fused's fused Adam (lr 1e-3); ``batch_size`` is
+    returned; it is read safely (nothing in it is executed), and one that is unsafe, corrupt or of
+    another architecture raises a ``CheckpointError`` naming it and leaves ``model`` unchanged. ``optimizer`` defaults to dldna_fused's fused Adam (lr 1e-3); ``batch_size`` is
     accepted for the chapter's call and unused (the loaders set it).
     """
     from tqdm.auto import tqdm
@@ -142,8 +139,9 @@ def train_model(model: nn.Module, train_loader, test_loader, device, optimizer=N
     name = model_name(model)
     final = save_dir / f"{name}.pth"
     if final.exists() and not retrain:
-        checkpoint = torch.load(final, map_location=device, weights_only=False)
-        model.load_state_dict(checkpoint["state_dict"])
+        checkpoint = read_checkpoint(final, device)
+        fit_to_data(model, next(iter(train_loader))[0])  # a lazily sized model takes its shapes first
+        load_weights(model, checkpoint["state_dict"], final)
         print(f"Loaded {final} (trained for {checkpoint['epoch']} epochs); pass retrain=True to train again.")
         return checkpoint["metrics"]
     fit_to_data(model, next(iter(train_loader))[0])  # SimpleNetwork() takes its input size from the data
@@ -167,16 +165,25 @@ def train_model(model: nn.Module, train_loader, test_loader, device, optimizer=N
 
 def load_model(model_file: str, path: str | Path = DEFAULT_SAVE_DIR, device="cpu"):
     """``(model, info)`` from a checkpoint written by ``train_model``: the model rebuilt from its
-    recorded class and arguments with the saved weights, and ``info`` = {"epoch", "metrics"}."""
+    recorded class and arguments with the saved weights, and ``info`` = {"epoch", "metrics"}.
+
+    The file is read with ``weights_only=True``: nothing in it is executed. A file that is unsafe,
+    truncated, corrupt, not a train_model checkpoint, or whose weights do not fit its recorded
+    model raises a ``CheckpointError`` subclass naming it (see dldna_fused.experiments.checkpoints).
+    """
     file = Path(path) / model_file
     if not file.exists():
         raise FileNotFoundError(f"no checkpoint {file}; train_model(..., save_dir={str(path)!r}) writes them")
-    checkpoint = torch.load(file, map_location=device, weights_only=False)
-    if checkpoint.get("config") is None:
-        raise ValueError(f"{file} does not record how to rebuild its model (class {checkpoint.get('class')})")
-    model = build_model(checkpoint["class"], checkpoint["config"]).to(device)
-    model.load_state_dict(checkpoint["state_dict"])
-    return model, {"epoch": checkpoint["epoch"], "metrics": checkpoint["metrics"]}
+    checkpoint = read_checkpoint(file, device)
+    if not isinstance(checkpoint.get("config"), dict) or not isinstance(checkpoint.get("class"), str):
+        raise CheckpointFormatError(file, f"does not record how to rebuild its model (class "
+                                          f"{checkpoint.get('class')!r}, config {checkpoint.get('config')!r})")
+    try:
+        model = build_model(checkpoint["class"], checkpoint["config"]).to(device)
+    except (TypeError, ValueError, KeyError) as error:
+        raise CheckpointFormatError(file, f"records a model that cannot be built: {error}") from None
+    load_weights(model, checkpoint["state_dict"], file)
+    return model, {"epoch": checkpoint.get("epoch"), "metrics": checkpoint.get("metrics")}
 
 
 def load_models_by_pattern(activation_types=("ReLU",), epochs=(1,), path: str | Path = DEFAULT_SAVE_DIR,

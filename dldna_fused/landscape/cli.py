@@ -68,6 +68,7 @@ def _train(args, out: Path) -> Path:
 
 
 def main(args: argparse.Namespace) -> int:
+    from dldna_fused.experiments.checkpoints import CheckpointError
     from dldna_fused.experiments.data import get_dataset
     from dldna_fused.experiments.training import load_models_by_pattern
     from dldna_fused.landscape import (analyze_weight_space, hessian_eigenvectors, hessian_trace,
@@ -81,8 +82,9 @@ def main(args: argparse.Namespace) -> int:
         models, labels = load_models_by_pattern([args.activation], list(range(1, args.epochs + 1)), folder,
                                                 device=args.device)
         _, test = get_dataset(args.dataset, args.root)
-    except FileNotFoundError as e:
-        raise SystemExit(str(e)) from None
+    except (FileNotFoundError, CheckpointError) as e:
+        # A user's mistake or a bad file: one line naming it, exit status 1, no traceback.
+        raise SystemExit(f"dldna-fused landscape: {e}") from None
     loader = DataLoader(Subset(test, range(min(args.samples, len(test)))), batch_size=256)
     loss_func = nn.CrossEntropyLoss()
     final = models[-1]
