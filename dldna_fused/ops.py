@@ -11,6 +11,7 @@ call torch.ops so that Dynamo sees the op.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -62,8 +63,9 @@ def as_list(tensors) -> list:
 
 def grads_of(params: Sequence[torch.Tensor]) -> tuple[list, bool, bytes]:
     """``[p.grad for p in params]`` (None where a param has no grad), whether any grad is not a
-    dense (strided) tensor, and which params have a grad (a bytes object with 1 for each; a tuple
-    of bools while compiling, which Dynamo traces without a graph break): one native pass."""
+    dense (strided) tensor, and a key of which params have a grad and their dtypes and devices (a
+    bytes object, 3 per param, zero without a grad; a tuple of bools while compiling, which Dynamo
+    traces without a graph break): one native pass."""
     if torch.compiler.is_compiling():
         grads = [p.grad for p in params]
         return (grads, any(g is not None and g.layout != torch.strided for g in grads),
@@ -312,6 +314,42 @@ def quantize_blockwise(x: torch.Tensor, *, bits: int, signed: bool, block_size: 
     return torch.ops.dldna_fused.quantize_blockwise(x, bits=bits, signed=signed, block_size=block_size)
 
 
+# [Note: meta kernels and mixed devices]
+# The fake kernels below serve torch.compile (FakeTensors standing for tensors on any device) and
+# the Meta dispatch key. The dispatcher picks the Meta kernel whenever any argument is on meta, so
+# a call with CPU params and one meta grad reached a kernel that only checks shapes, and returned
+# having done nothing. Each fake kernel therefore first checks that no tensor is a real one off
+# meta (_check_meta_call); the real kernels check that every tensor is on the params' device
+# (csrc/common/checks.cpp), so a meta tensor among CPU or CUDA ones is refused on every path.
+_FakeTensor = torch._subclasses.fake_tensor.FakeTensor
+
+
+def _check_meta_call(qualified: str, args: tuple, kwargs: dict) -> None:
+    """Raises naming the argument when a call that dispatched to the Meta kernel has a real tensor
+    that is not on meta (see [Note: meta kernels and mixed devices])."""
+    name, _, overload = qualified.partition(".")
+    op = getattr(getattr(torch.ops.dldna_fused, name.split("::")[1]), overload or "default")
+    names = [a.name for a in op._schema.arguments]
+    for arg_name, value in [*zip(names, args), *kwargs.items()]:
+        tensors = value if isinstance(value, (list, tuple)) else [value]
+        for i, t in enumerate(tensors):
+            if isinstance(t, torch.Tensor) and not isinstance(t, _FakeTensor) and t.device.type != "meta":
+                where = arg_name if tensors is not value else f"{arg_name}[{i}]"
+                raise RuntimeError(f"{qualified}: {where} is on {t.device} but another argument is on meta; "
+                                   "every tensor of one call must be on one device")
+
+
+def _register_fake(qualified: str):
+    """torch.library.register_fake for ``qualified``, with the mixed-device check first."""
+    def register(fn):
+        @functools.wraps(fn)
+        def checked(*args, **kwargs):
+            _check_meta_call(qualified, args, kwargs)
+            return fn(*args, **kwargs)
+        return torch.library.register_fake(qualified)(checked)
+    return register
+
+
 def _check_lists_fake(params, grads, *states):
     torch._check(len(grads) == len(params), lambda: "grads must have one tensor per param")
     for p, g in zip(params, grads):
@@ -320,32 +358,32 @@ def _check_lists_fake(params, grads, *states):
         torch._check(len(state) in (0, len(params)), lambda: "each state list must have one tensor per param")
 
 
-@torch.library.register_fake("dldna_fused::fused_adam_")
+@_register_fake("dldna_fused::fused_adam_")
 def _fused_adam_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **_):
     _check_lists_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
 
 
-@torch.library.register_fake("dldna_fused::fused_adam_.tensor_lr")
+@_register_fake("dldna_fused::fused_adam_.tensor_lr")
 def _fused_adam_tensor_lr_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **_):
     _check_lists_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
 
 
-@torch.library.register_fake("dldna_fused::fused_lion_")
+@_register_fake("dldna_fused::fused_lion_")
 def _fused_lion_fake(params, grads, exp_avgs, state_steps, **_):
     _check_lists_fake(params, grads, exp_avgs, state_steps)
 
 
-@torch.library.register_fake("dldna_fused::fused_sophia_")
+@_register_fake("dldna_fused::fused_sophia_")
 def _fused_sophia_fake(params, grads, exp_avgs, hessians, state_steps, **_):
     _check_lists_fake(params, grads, exp_avgs, hessians, state_steps)
 
 
-@torch.library.register_fake("dldna_fused::fused_sophia_hessian_")
+@_register_fake("dldna_fused::fused_sophia_hessian_")
 def _fused_sophia_hessian_fake(hessians, estimates, **_):
     _check_lists_fake(hessians, estimates)
 
 
-@torch.library.register_fake("dldna_fused::fused_adafactor_")
+@_register_fake("dldna_fused::fused_adafactor_")
 def _fused_adafactor_fake(params, grads, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_sqs, exp_avgs, rms,
                           state_steps, **_):
     _check_lists_fake(params, grads, exp_avgs, exp_avg_sqs, rms, state_steps)
@@ -353,41 +391,41 @@ def _fused_adafactor_fake(params, grads, exp_avg_sq_rows, exp_avg_sq_cols, exp_a
                  lambda: "exp_avg_sq_rows and exp_avg_sq_cols must have the same length")
 
 
-@torch.library.register_fake("dldna_fused::fused_grad_norm")
+@_register_fake("dldna_fused::fused_grad_norm")
 def _fused_grad_norm_fake(tensors, norm_type, grad_scale=None):
     torch._check(len(tensors) > 0, lambda: "tensors must not be empty")
     return tensors[0].new_empty((), dtype=torch.float32)
 
 
-@torch.library.register_fake("dldna_fused::fused_scale_")
+@_register_fake("dldna_fused::fused_scale_")
 def _fused_scale_fake(tensors, factor):
     torch._check(factor.numel() == 1, lambda: "factor must have one element")
 
 
-@torch.library.register_fake("dldna_fused::fused_adam_lowbit_")
+@_register_fake("dldna_fused::fused_adam_lowbit_")
 def _fused_adam_lowbit_fake(params, grads, exp_avgs, exp_avg_absmaxes, exp_avg_sqs, exp_avg_sq_absmaxes,
                             state_steps, **_):
     _check_lists_fake(params, grads, exp_avgs, exp_avg_absmaxes, exp_avg_sqs, exp_avg_sq_absmaxes, state_steps)
 
 
-@torch.library.register_fake("dldna_fused::fused_adam_lowbit_.tensor_lr")
+@_register_fake("dldna_fused::fused_adam_lowbit_.tensor_lr")
 def _fused_adam_lowbit_tensor_lr_fake(params, grads, exp_avgs, exp_avg_absmaxes, exp_avg_sqs,
                                       exp_avg_sq_absmaxes, state_steps, **_):
     _check_lists_fake(params, grads, exp_avgs, exp_avg_absmaxes, exp_avg_sqs, exp_avg_sq_absmaxes, state_steps)
 
 
-@torch.library.register_fake("dldna_fused::fused_lion_lowbit_")
+@_register_fake("dldna_fused::fused_lion_lowbit_")
 def _fused_lion_lowbit_fake(params, grads, exp_avgs, exp_avg_absmaxes, state_steps, **_):
     _check_lists_fake(params, grads, exp_avgs, exp_avg_absmaxes, state_steps)
 
 
-@torch.library.register_fake("dldna_fused::quantize_blockwise")
+@_register_fake("dldna_fused::quantize_blockwise")
 def _quantize_blockwise_fake(input, *, bits, signed, block_size):
     n = input.numel()
     return (input.new_empty((n if bits == 8 else (n + 1) // 2,), dtype=torch.uint8),
             input.new_empty((-(-n // block_size),), dtype=torch.float32))
 
 
-@torch.library.register_fake("dldna_fused::dequantize_blockwise")
+@_register_fake("dldna_fused::dequantize_blockwise")
 def _dequantize_blockwise_fake(codes, absmax, *, bits, signed, block_size, numel):
     return absmax.new_empty((numel,), dtype=torch.float32)
