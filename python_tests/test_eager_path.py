@@ -150,6 +150,11 @@ def test_grads_of_reports_missing_grads_and_sparse_grads():
     a, b, c = (torch.nn.Parameter(torch.randn(3)) for _ in range(3))
     a.grad = torch.ones(3)
     grads, any_sparse, has_grad = ops.grads_of([a, b])
-    assert grads[0] is a.grad and grads[1] is None and not any_sparse and has_grad == b"\x01\x00"
+    assert grads[0] is a.grad and grads[1] is None and not any_sparse
+    assert has_grad[3:] == b"\x00\x00\x00" and has_grad[0] != 0
+    # The key changes with a param's dtype, so cached lists are rebuilt (and checked) after
+    # model.double() or a .data swap.
+    a.data, a.grad = a.data.double(), torch.ones(3, dtype=torch.float64)
+    assert ops.grads_of([a, b])[2][:3] != has_grad[:3]
     c.grad = torch.ones(3).to_sparse()
     assert ops.grads_of([a, c])[1]

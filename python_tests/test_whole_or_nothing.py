@@ -561,3 +561,90 @@ def test_warnings_of_construction_match_torch():
         warnings.simplefilter("always")
         torch.optim.Adam([p, p])
     assert [str(w.message) for w in ours] == [str(w.message) for w in theirs]
+
+
+# ---- issue 23: the holes the sweeps found ------------------------------------------------------------
+
+def test_steps_without_grads_do_not_advance_sophia_or_its_win_rate():
+    params = {cls: [torch.nn.Parameter(torch.ones(4))] for cls in (optim.Sophia, reference.Sophia)}
+    opts = {cls: cls(ps, lr=0.1, k=2, betas=(0.965, 0.0)) for cls, ps in params.items()}
+    for cls, opt in opts.items():
+        assert opt.win_rate is None  # before any applied step, in both
+        for _ in range(3):  # nothing to apply: no cadence, no win_rate
+            opt.step()
+        assert not opt.should_update_hessian() and opt.win_rate is None, cls
+        params[cls][0].grad = torch.tensor([1.0, -1.0, 1e-3, 0.0])
+        opt.step()
+        assert not opt.should_update_hessian(), cls  # one applied step of k=2
+        params[cls][0].grad = None
+        opt.step()
+        assert not opt.should_update_hessian(), cls
+    # beta2 = 0: h is the last estimate itself; win_rate agrees with the reference's definition.
+    for cls, opt in opts.items():
+        params[cls][0].grad = torch.tensor([2.0, 1.0, 3.0, 0.5])
+        opt.update_hessian()
+        params[cls][0].grad = torch.tensor([0.01, -5.0, 0.02, 0.0])
+        opt.step()
+        params[cls][0].grad = None
+        opt.step()  # applies nothing: win_rate stays that of the step before
+    assert opts[optim.Sophia].win_rate == opts[reference.Sophia].win_rate != 0.0
+
+
+def test_sophia_draws_differ_between_devices_and_agree_across_ranks():
+    # The i-th device the params live on is seeded with seed + i: params on meta first put the CPU
+    # second here; a DDP rank holding one device always seeds it with seed itself.
+    first = torch.nn.Parameter(torch.empty(3, device="meta"))
+    cpu = torch.nn.Parameter(torch.ones(3))
+    assert optim.Sophia([first, cpu], seed=7)._generator(torch.device("cpu")).initial_seed() == 8
+    assert optim.Sophia([cpu], seed=7)._generator(torch.device("cpu")).initial_seed() == 7
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "adafactor"])
+def test_a_state_dict_taken_after_an_option_switched_on_loads_and_continues(name):
+    # amsgrad (Adafactor: beta1) switched on mid-run while a param had no grad: the step carried
+    # on, and the state_dict taken then (without that param's new state) must load.
+    fused_cls, ref_cls, kwargs, _ = OPTIMIZERS[name]
+    option, value = ("beta1", 0.9) if name == "adafactor" else ("amsgrad", True)
+    kwargs = {**kwargs, option: None if name == "adafactor" else False}
+    start = _params()
+    (ours_opt, ours), (ref_opt, theirs) = _pair(name, start, **{option: kwargs[option]})
+    _steps([(ours_opt, ours), (ref_opt, theirs)], _grads(start, 1))
+    for opt in (ours_opt, ref_opt):
+        opt.param_groups[0][option] = value
+    grads = [torch.randn(5), None]
+    _steps([(ours_opt, ours), (ref_opt, theirs)], [grads])
+    assert ("exp_avg" if name == "adafactor" else "max_exp_avg_sq") not in ours_opt.state[ours[1]]
+    twin = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    reloaded = fused_cls(twin, **{**kwargs, option: value})
+    reloaded.load_state_dict(copy.deepcopy(ours_opt.state_dict()))
+    more = _grads(start, 2)
+    _steps([(reloaded, twin), (ref_opt, theirs)], more)
+    _assert_same(reloaded, twin, ref_opt, theirs)
+
+
+OP_CALLS = {
+    "fused_adam_": lambda p, g, s: torch.ops.dldna_fused.fused_adam_(
+        p, g, [s()], [s()], [], [s(())], lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.0, eps=1e-8,
+        amsgrad=False, maximize=False, decoupled_weight_decay=False),
+    "fused_lion_": lambda p, g, s: torch.ops.dldna_fused.fused_lion_(
+        p, g, [s()], [s(())], lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.0, maximize=False),
+    "fused_sophia_": lambda p, g, s: torch.ops.dldna_fused.fused_sophia_(
+        p, g, [s()], [s()], [s(())], lr=0.1, beta1=0.9, rho=0.04, bs=1.0, weight_decay=0.0,
+        maximize=False),
+    "fused_adafactor_": lambda p, g, s: torch.ops.dldna_fused.fused_adafactor_(
+        p, g, [], [], [s()], [], [s(())], [s(())], lr=0.1, eps1=1e-30, eps2=1e-3,
+        clip_threshold=1.0, decay_rate=-0.8, beta1=None, weight_decay=0.0, scale_parameter=True,
+        relative_step=False, warmup_init=False),
+}
+
+
+@pytest.mark.parametrize("op", list(OP_CALLS))
+def test_a_raw_op_with_one_meta_tensor_raises_instead_of_doing_nothing(op):
+    # The dispatcher sends any call with a meta tensor to the Meta kernel, which only checked shapes.
+    params = [torch.ones(4)]
+    with pytest.raises(RuntimeError, match=rf"dldna_fused::{op}: params\[0\] is on cpu but another argument is on meta"):
+        OP_CALLS[op](params, [torch.ones(4, device="meta")], lambda shape=(4,): torch.zeros(shape))
+    assert torch.equal(params[0], torch.ones(4))
+    # All on meta is a valid call (what a model on the meta device traces).
+    OP_CALLS[op]([torch.ones(4, device="meta")], [torch.ones(4, device="meta")],
+                 lambda shape=(4,): torch.zeros(shape, device="meta"))

@@ -11,6 +11,7 @@ import torch
 from torch.optim import Optimizer
 
 from dldna_fused import _C, ops
+from dldna_fused._devices import scalar_to
 from dldna_fused._distributed import to_local
 from dldna_fused.clip import clip_coefficient, get_total_norm
 from dldna_fused._checks import (check_betas, check_hyperparameter, check_lr,  # noqa: F401 (re-exported)
@@ -284,11 +285,7 @@ class FusedOptimizer(Optimizer):
         positions = {id(p): i for i, p in enumerate(group["params"])}
         for _, _, lists in entries:
             params = lists[0][0]
-            # A bucket's params share one device (its key), so one look answers for all.
-            if params and not ops.has_kernel(params[0].device.type):
-                raise RuntimeError(
-                    f"{where}, params[{positions[id(params[0])]}]: no fused kernel for params on device "
-                    f"'{params[0].device}' in this build (have: cpu{', cuda' if ops.has_kernel('cuda') else ''})")
+            self._check_bucket_params(where, positions, params)
             specs = [self._state_spec(group, p) for p in params]
             state_dtype = None
             for tensors, key in lists[1:]:
@@ -301,7 +298,7 @@ class FusedOptimizer(Optimizer):
                         raise TypeError(f"{label} must be a Tensor, got {type(t).__name__}")
                     if t.device != p.device:
                         raise ValueError(f"{label} is on {t.device} but the param is on {p.device}")
-                    if key == "step" or shape == ():
+                    if key in self._scalar_state_keys:
                         if t.dtype != torch.float32 or t.numel() != 1:
                             raise ValueError(f"{label} must be a float32 tensor of one element, got {t.dtype} "
                                              f"with {t.numel()} elements")
@@ -315,6 +312,20 @@ class FusedOptimizer(Optimizer):
                                          f"bucket must all be {expected}")
                     state_dtype = t.dtype
             self._check_overlap(where, positions, params, lists)
+
+    @staticmethod
+    def _check_bucket_params(where: str, positions: dict, params: list) -> None:
+        """Raises unless the params of one bucket (one device and dtype, its key, so one look
+        answers for all) have a kernel for their device and a supported dtype."""
+        if not params:
+            return
+        label = f"{where}, params[{positions[id(params[0])]}]"
+        if not ops.has_kernel(params[0].device.type):
+            raise RuntimeError(f"{label}: no fused kernel for params on device '{params[0].device}' in this build "
+                               f"(have: cpu{', cuda' if ops.has_kernel('cuda') else ''})")
+        if params[0].dtype not in SUPPORTED_DTYPES:
+            # E.g. model.double() once the states exist: refused here, before any group steps.
+            raise ValueError(f"{label}: params must be float32, bfloat16 or float16, got {params[0].dtype}")
 
     @staticmethod
     def _check_overlap(where: str, positions: dict, params: list, lists: list) -> None:
@@ -333,6 +344,9 @@ class FusedOptimizer(Optimizer):
 
     # States of every dtype are float32 (AdaFactor), or the param's dtype or float32 (the rest).
     _fp32_states_only = False
+    # States that are one float32 number per param whatever its shape (a 0-d param's other states
+    # are 0-d too, but follow the param's dtype like any other).
+    _scalar_state_keys: tuple[str, ...] = ("step",)
 
     def _state_dtype(self, group: dict, p: torch.Tensor) -> torch.dtype:
         return group.get("state_dtype") or p.dtype
@@ -453,7 +467,7 @@ class FusedOptimizer(Optimizer):
                 grads = to_local(grads)
             factor = factors.get(id(group))
             for key, index, lists in entry.calls:
-                coefficient = None if factor is None else factor.to(key[0], non_blocking=True)
+                coefficient = None if factor is None else scalar_to(factor, key[0])
                 calls.append((group, key, grads if index is None else [grads[i] for i in index], lists, coefficient))
         return calls
 
@@ -557,10 +571,22 @@ class FusedOptimizer(Optimizer):
                 state[key] = value.to(self._state_dtype(group, p))
                 del state[f"{key}_codes"], state[f"{key}_absmax"]
 
+    # [Note: states an option switches on]
+    # Some states exist only while an option asks for them: Adam's max_exp_avg_sq (amsgrad) and
+    # Adafactor's exp_avg (beta1). An option switched on mid-run (group["amsgrad"] = True) makes a
+    # step create the state, zero-filled, for each param the first time it steps with the option
+    # on; until then a param that has stepped without it is a valid state for that option. One rule
+    # for the step and the load: load_state_dict accepts a state without these keys, and the next
+    # step creates them as it would have (the references do the same). Every other state of a param
+    # that has stepped must be present.
+    _lazy_state_keys: tuple[str, ...] = ()
+
     def _check_loaded_state(self, where: str, group: dict, p: torch.Tensor, state: dict) -> None:
         """Raises naming the entry unless ``state`` holds every state ``_state_spec`` asks for, with
         the right shapes, and a well-formed step."""
         for key, shape in self._state_spec(group, p).items():
+            if key not in state and key in self._lazy_state_keys:
+                continue  # the next step creates it ([Note: states an option switches on])
             if key not in state:
                 raise KeyError(f"{where}: the state has no '{key}' (it has {sorted(state)}); a state_dict must hold "
                                f"every state of a param that has stepped")
@@ -594,7 +620,7 @@ class FusedOptimizer(Optimizer):
             return None, None
         if device not in cache:
             cache[device] = tuple(
-                None if t is None else t.to(device=device, dtype=torch.float32, non_blocking=True)
+                None if t is None else scalar_to(t, device)
                 for t in (grad_scale, found_inf)
             )
         return cache[device]

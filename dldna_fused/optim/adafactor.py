@@ -132,6 +132,8 @@ class Adafactor(FusedOptimizer):
                          max_grad_norm=max_grad_norm)
 
     _fp32_states_only = True
+    _scalar_state_keys = ("step", "RMS")
+    _lazy_state_keys = ("exp_avg",)  # beta1 switched on ([Note: states an option switches on])
 
     _OPTIONS = ("lr", "eps", "clip_threshold", "decay_rate", "beta1", "weight_decay", "relative_step", "warmup_init")
 

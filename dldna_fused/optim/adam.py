@@ -52,6 +52,7 @@ class Adam(FusedOptimizer):
     """
 
     _state_keys = _STATE_KEYS
+    _lazy_state_keys = ("max_exp_avg_sq",)  # [Note: states an option switches on]
 
     def __init__(
         self,

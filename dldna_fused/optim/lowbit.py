@@ -193,8 +193,7 @@ class _LowBitOptimizer(FusedOptimizer):
             if not key[3]:
                 continue
             params = lists[0][0]
-            if params and not ops.has_kernel(params[0].device.type):
-                raise RuntimeError(f"{where}: no fused kernel for params on device '{params[0].device}' in this build")
+            self._check_bucket_params(where, positions, params)
             for tensors, name in lists[1:]:
                 for p, t in zip(params, tensors):
                     label = f"{where}, params[{positions[id(p)]}]"

@@ -64,7 +64,9 @@ class Sophia(FusedOptimizer):
         estimator: ``"gnb"`` or ``"hutchinson"``. bs: :math:`b` (default 1); ``step(bs=...)``
             overrides it for one step.
         maximize: ascend the objective. seed: seeds the Rademacher draws of the Hutchinson
-            estimator. state_dtype: ``torch.float32`` keeps fp32 states for bf16/fp16 params.
+            estimator: the draws on the i-th device the params live on (in param order) use
+            ``seed + i``, so two devices never draw the same signs, and DDP ranks (one device
+            each) draw alike. state_dtype: ``torch.float32`` keeps fp32 states for bf16/fp16 params.
         max_grad_norm: clip the global 2-norm of the gradients inside the step (see
             :class:`dldna_fused.optim.Adam`); it clips the gradient that enters the momentum
             :math:`m`, not the Hessian estimates of :meth:`update_hessian`.
@@ -86,7 +88,7 @@ class Sophia(FusedOptimizer):
         self._generators: dict = {}  # device -> torch.Generator on it, seeded with `seed`
         self._steps_since_hessian = 0
         self._pending_found_inf: list = []  # GradScaler's found_inf of steps counted above
-        self._unclipped: list = []  # (count tensor, coordinates) of the last step
+        self._win_records: list = []  # see win_rate
 
     @staticmethod
     def _check_options(options: dict) -> None:
@@ -108,7 +110,8 @@ class Sophia(FusedOptimizer):
         self.__dict__.setdefault("_generators", {})
         self.__dict__.setdefault("_steps_since_hessian", 0)
         self.__dict__.setdefault("_pending_found_inf", [])
-        self.__dict__.setdefault("_unclipped", [])
+        self.__dict__.pop("_unclipped", None)  # the win_rate record of an older version
+        self.__dict__.setdefault("_win_records", [])
 
     def _hessian_cadence(self) -> int:
         """Steps applied since the last Hessian update: steps GradScaler skipped (found_inf) do not
@@ -163,13 +166,21 @@ class Sophia(FusedOptimizer):
                               weight_decay=group["weight_decay"], maximize=group["maximize"],
                               grad_scale=grad_scale, found_inf=found_inf, unclipped=count, clip_coef=clip_coef)
             unclipped.append((count, sum(p.numel() for p in ops.as_list(params))))
-        if calls:
-            self._unclipped = unclipped
-        # Every step counts towards the cadence, as in the reference, except one GradScaler skips.
+        if not calls:
+            # No param had a grad: nothing was applied, so neither the cadence nor win_rate moves.
+            return loss
+        # A step counts towards the cadence when it applies an update, as in the reference: one
+        # GradScaler skips is taken off when the cadence is next read (no host sync here).
         self._steps_since_hessian += 1
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None:
             self._pending_found_inf.append(found_inf)
+            self._win_records.append((unclipped, found_inf))
+            if len(self._win_records) > self._MAX_WIN_RECORDS:  # read the flags once, keep one record
+                applied = self._applied_record()
+                self._win_records = [] if applied is None else [applied]
+        else:
+            self._win_records = [(unclipped, None)]
         self._warn_if_hessian_is_never_updated()
         return loss
 
@@ -189,15 +200,31 @@ class Sophia(FusedOptimizer):
             "is true, or in a Trainer/Lightning loop use dldna_fused.integrations (SophiaHessianCallback).",
             stacklevel=3)
 
+    # Steps GradScaler may have skipped whose records win_rate keeps before it reads their flags.
+    _MAX_WIN_RECORDS = 16
+
+    def _applied_record(self):
+        """The newest record in _win_records of a step that was applied (found_inf 0), or None."""
+        for record in reversed(self._win_records):
+            found_inf = record[1]
+            if found_inf is None or not bool(found_inf.item()):
+                return record
+        return None
+
     @property
     def win_rate(self) -> float | None:
-        """Fraction of the coordinates updated at the last step whose ratio
-        :math:`|m| / (\\rho b h + 10^{-15})` was below 1 (not clipped); None before the first step.
-        Reading it synchronizes with the device."""
-        if not self._unclipped:
+        """The fraction of the coordinates updated at the last applied step whose ratio
+        :math:`|m| / (\\rho b h + 10^{-15})` was below 1 (not clipped), over every group; 0.0
+        when that step's params had no elements. A step that applies nothing (no param had a
+        grad, or GradScaler skipped it) leaves it as it was; None before the first applied step.
+        The same definition as ``dldna_fused.reference.Sophia.win_rate``. Reading it
+        synchronizes with the device."""
+        record = self._applied_record()
+        if record is None:
             return None
-        total = sum(n for _, n in self._unclipped)
-        return sum(int(c.item()) for c, _ in self._unclipped) / total if total else 0.0
+        unclipped = record[0]
+        total = sum(n for _, n in unclipped)
+        return sum(int(c.item()) for c, _ in unclipped) / total if total else 0.0
 
     def should_update_hessian(self) -> bool:
         """True once ``k`` steps have passed since the last :meth:`update_hessian` (or since the
@@ -241,11 +268,17 @@ class Sophia(FusedOptimizer):
         self._pending_found_inf = []
 
     def _generator(self, device: torch.device) -> torch.Generator | None:
-        """The seeded generator of ``device`` (None without a seed: torch's default one)."""
+        """The seeded generator of ``device`` (None without a seed: torch's default one): seeded
+        with ``seed + i`` for the i-th device the params live on, in param order. One seed for
+        every device would give params at the same draw position on two devices the same signs,
+        which correlates their estimates; the device's position, not its index, keeps DDP ranks
+        (each holding one device, cuda:rank) drawing alike."""
         if self._seed is None:
             return None
         if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device).manual_seed(self._seed)
+            devices = list(dict.fromkeys(p.device for g in self.param_groups for p in g["params"]))
+            position = devices.index(device) if device in devices else len(devices)
+            self._generators[device] = torch.Generator(device=device).manual_seed(self._seed + position)
         return self._generators[device]
 
     def _hutchinson(self, params: list, grads: list) -> list:

@@ -94,6 +94,9 @@ class Adafactor(Optimizer):
                 state = self.state[p]
                 if len(state) == 0:
                     self._init_state(state, p, group)
+                if beta1 is not None and "exp_avg" not in state:
+                    # beta1 switched on mid-run: the first moment starts now, at 0.
+                    state["exp_avg"] = torch.zeros_like(p, dtype=state["RMS"].dtype)
                 state["step"] += 1
                 t = state["step"].item()
                 if p.numel() == 0:

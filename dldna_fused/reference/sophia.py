@@ -49,7 +49,7 @@ class Sophia(Optimizer):
     @torch.no_grad()
     def step(self, closure=None, bs=None):
         loss = closure_loss(closure)
-        unclipped, total = 0, 0
+        unclipped, total, applied = 0, 0, False
         for group in self.param_groups:
             lr, wd, rho = group["lr"], group["weight_decay"], group["rho"]
             beta1 = group["betas"][0]
@@ -57,6 +57,7 @@ class Sophia(Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
+                applied = True
                 state = self._state(group, p)
                 state["step"] += 1
                 m, h = state["exp_avg"], state["hessian"]
@@ -70,8 +71,11 @@ class Sophia(Optimizer):
                 p.copy_(theta)
                 unclipped += int((ratio < 1).sum())
                 total += ratio.numel()
-        self.win_rate = unclipped / total if total else 0.0
-        self.steps_since_hessian += 1
+        # A step that applies nothing (no param has a grad) counts for neither; win_rate is the
+        # unclipped fraction of the last applied step (0.0 when its params have no elements).
+        if applied:
+            self.win_rate = unclipped / total if total else 0.0
+            self.steps_since_hessian += 1
         return loss
 
     def should_update_hessian(self):
