@@ -19,13 +19,21 @@ SUBCOMMANDS = {
 }
 
 
+class _DefaultsOnceFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, unless its help already says it (it then printed twice)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        return text if "default" in text.lower() else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dldna-fused", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in SUBCOMMANDS.items():
         # Every option's default shows in --help.
         command = sub.add_parser(name, help=help_text, description=module.__doc__,
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=_DefaultsOnceFormatter)
         module.add_arguments(command)
         command.set_defaults(run=module.main)
     return parser

@@ -22,8 +22,12 @@ from torch.utils.data import DataLoader, DistributedSampler
 from dldna_fused import optim
 from dldna_fused.experiments import SimpleNetwork, get_dataset
 
-OPTIMIZERS = {"adamw": (optim.AdamW, dict(lr=1e-3, weight_decay=0.01)), "lion": (optim.Lion, dict(lr=1e-4)),
-              "sophia": (optim.Sophia, dict(lr=1e-3)), "adafactor": (optim.Adafactor, dict())}
+# Every dldna_fused optimizer works under DDP: each rank steps its full copy of the weights.
+OPTIMIZERS = {"adam": (optim.Adam, dict(lr=1e-3)), "adamw": (optim.AdamW, dict(lr=1e-3, weight_decay=0.01)),
+              "lion": (optim.Lion, dict(lr=1e-4)), "sophia": (optim.Sophia, dict(lr=1e-3)),
+              "adafactor": (optim.Adafactor, dict()), "adamw8bit": (optim.AdamW8bit, dict(lr=1e-3)),
+              "adam8bit": (optim.Adam8bit, dict(lr=1e-3)), "adamw4bit": (optim.AdamW4bit, dict(lr=1e-3)),
+              "lion8bit": (optim.Lion8bit, dict(lr=1e-4))}
 
 
 def main() -> None:
@@ -31,7 +35,9 @@ def main() -> None:
     parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adamw")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32, help="per rank")
-    parser.add_argument("--out", default="results/ddp")
+    parser.add_argument("--out", default="results/ddp",
+                        help="folder (made if missing, relative to the current directory) where rank 0 writes "
+                             "model.pt, the trained weights; default results/ddp")
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -72,6 +78,7 @@ def main() -> None:
     if rank == 0:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         torch.save(model.module.state_dict(), Path(args.out) / "model.pt")
+        print(f"wrote the trained weights to {Path(args.out).resolve() / 'model.pt'}", flush=True)
     dist.destroy_process_group()
 
 

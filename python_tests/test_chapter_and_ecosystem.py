@@ -206,6 +206,17 @@ def test_help_shows_every_default(capsys):
     assert "(default: float32)" in out and "(default: 20)" in out
 
 
+@pytest.mark.parametrize("command", ["bench", "compare", "init", "landscape"])
+def test_help_says_each_default_once(capsys, command):
+    # Options whose help says its default got torch's "(default: ...)" appended as well.
+    from dldna_fused import cli
+
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    for entry in " ".join(capsys.readouterr().out.split()).split(" --")[1:]:
+        assert entry.lower().count("default") <= 1, entry
+
+
 def test_bench_warns_when_the_machine_is_busy(monkeypatch, capsys):
     from dldna_fused import bench
 

@@ -107,12 +107,27 @@ def test_clipping_uses_the_global_norm_across_ranks(ranks, mode, folded):
             assert relative(p, q.detach()) < 1e-6, f"rank {rank} param {i}"
 
 
-def test_train_ddp_example_runs_under_torchrun(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+def test_train_ddp_example_runs_under_torchrun(tmp_path, optimizer):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(ROOT / "examples" / "train_ddp.py"), "--epochs", "2", "--out", str(tmp_path)],
+         str(ROOT / "examples" / "train_ddp.py"), "--epochs", "2", "--out", str(tmp_path), "--optimizer", optimizer],
         capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rank 0/2" in result.stdout and "test accuracy" in result.stdout
-    assert (tmp_path / "model.pt").exists()
+    # It says where it wrote the weights.
+    assert (tmp_path / "model.pt").exists() and str((tmp_path / "model.pt").resolve()) in result.stdout
+
+
+def test_train_ddp_example_offers_every_optimizer():
+    import importlib.util
+
+    from dldna_fused import optim
+
+    spec = importlib.util.spec_from_file_location("train_ddp", ROOT / "examples" / "train_ddp.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    offered = {cls for cls, _ in example.OPTIMIZERS.values()}
+    classes = {getattr(optim, name) for name in optim.__all__ if isinstance(getattr(optim, name), type)}
+    assert classes <= offered, sorted(c.__name__ for c in classes - offered)
