@@ -240,3 +240,16 @@ def test_compare_cli_on_digits_writes_results_and_plots(tmp_path, capsys):
     assert "final test acc" in table and "torch-adam" in table
     with pytest.raises(SystemExit, match="unknown 'nadam'"):
         main(["compare", "--optimizers", "nadam", "--out", str(out)])
+
+
+@pytest.mark.parametrize("setting,match", [
+    ("lion.lrr=1e-3", r"--set lion.lrr: Lion has no argument 'lrr' \(have: lr, betas, weight_decay"),
+    ("lion.lr=-1", r"--set lion: Lion\(lr=-1\) is refused: Invalid learning rate"),
+])
+def test_compare_names_a_bad_setting_before_training(tmp_path, setting, match):
+    # It ended in a raw TypeError traceback, after training the optimizers listed before it.
+    from dldna_fused.cli import main
+
+    with pytest.raises(SystemExit, match=match):
+        main(["compare", "--optimizers", "adam,lion", "--set", setting, "--out", str(tmp_path), "--no-progress"])
+    assert not any(tmp_path.iterdir())  # nothing trained, nothing written

@@ -246,3 +246,34 @@ def test_landscape_cli_writes_every_figure(tmp_path):
     summary = json.loads((out / "landscape.json").read_text())
     assert len(summary["eigenvalues"]) == 2 and summary["center_loss"] == pytest.approx(
         summary["interpolation"]["losses"][-1], rel=1e-5)
+
+
+def test_landscape_cli_leaves_no_blank_lines_in_a_terminal(tmp_path):
+    # On a terminal whose width tqdm cannot read (a pty of size 0, as under `script` or some CI
+    # logs) every finished bar used to leave an empty line: four between the CLI's own lines.
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    leader, follower = pty.openpty()
+    run = subprocess.Popen([sys.executable, "-m", "dldna_fused", "landscape", "--epochs", "2", "--grid", "21",
+                            "--samples", "64", "--top-n", "2", "--perplexity", "1", "--out", str(tmp_path)],
+                           stdout=follower, stderr=follower, stdin=subprocess.DEVNULL, cwd=tmp_path)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 65536)
+        except OSError:  # the child closed its end
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert run.wait(timeout=300) == 0
+    os.close(leader)
+    lines = b"".join(chunks).decode(errors="replace").replace("\r\n", "\n").split("\n")
+    # tqdm's own "\r" redraws stay on a line; what the user sees per line is its last redraw.
+    shown = [line.split("\r")[-1] for line in lines[:-1]]
+    assert "wrote the figures and landscape.json" in shown[-1]
+    assert all(line.strip() for line in shown), shown

@@ -186,7 +186,7 @@ def test_multiscale_computes_its_own_surface_from_a_model():
     assert result["surface"][2].shape == (16, 16) and result["level"] >= 1
 
 
-def test_landscape_cli_extras_write_their_figures(tmp_path):
+def test_landscape_cli_extras_write_their_figures(tmp_path, capsys):
     from dldna_fused.cli import main
 
     out = tmp_path / "land"
@@ -197,3 +197,10 @@ def test_landscape_cli_extras_write_their_figures(tmp_path):
     summary = json.loads((out / "landscape.json").read_text())
     assert set(summary["dynamics"]) == {"loss", "grad_norm", "param_change", "weight_norm", "loss_improvement"}
     assert summary["topology"]["minima_above_threshold"] >= 1
+    # The numbers the README quotes are printed too, not only written to landscape.json.
+    printed = capsys.readouterr().out
+    A = summary["gaussian_fit"]["popt"][0]
+    assert f"Gaussian fit: A = {A:.4g}" in printed and "distance from the centre: SGD " in printed
+    assert f"{100 * summary['multiscale_energy']['fractions'][0]:.2f}%" in printed
+    assert f"persistence: {summary['topology']['minima_above_threshold']} minima above" in printed
+    assert f"training loss {summary['dynamics']['loss'][0]:.3g} -> {summary['dynamics']['loss'][-1]:.3g}" in printed

@@ -65,14 +65,20 @@ int map_index(int64_t bits, bool is_signed) {
   return (bits == 8 ? 2 : 0) + (is_signed ? 1 : 0);
 }
 
-// Uploads kMaps to the current device, once per device. The upload is synchronous, so a step
-// captured in a CUDA graph needs one eager step on that device first (as torch's do, for states).
+// Uploads kMaps to the current device, once per device, on the current stream, and waits for it.
+// cudaMemcpyToSymbol runs on the legacy default stream, which torch's side streams (created
+// non-blocking: CUDA-graph warm-up, torch.cuda.stream(s)) do not wait for, so the first kernel
+// there could read an unfilled map and write wrong codes without a sound. The wait makes every
+// later launch, on any stream, see the map. It is a sync, so a step captured in a CUDA graph needs
+// one eager step on that device first (as torch's do, for states).
 void upload_maps() {
   static std::once_flag uploaded[C10_COMPILE_TIME_MAX_GPUS];
   std::call_once(uploaded[c10::cuda::current_device()], [] {
     const DeviceMap maps[4] = {device_map(4, false), device_map(4, true), device_map(8, false),
                                device_map(8, true)};
-    C10_CUDA_CHECK(cudaMemcpyToSymbol(kMaps, maps, sizeof(maps)));
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    C10_CUDA_CHECK(cudaMemcpyToSymbolAsync(kMaps, maps, sizeof(maps), 0, cudaMemcpyHostToDevice, stream));
+    C10_CUDA_CHECK(cudaStreamSynchronize(stream));
   });
 }
 

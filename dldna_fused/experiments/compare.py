@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -64,6 +65,23 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _check_config(name: str, cls, config: dict) -> None:
+    """Exits naming the setting when ``cls(params, **config)`` would fail: an argument ``cls`` does
+    not take (listing those it does) or a value it refuses, before any training starts."""
+    accepted = [p for p in inspect.signature(cls).parameters.values()
+                if p.name != "params" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    names = {p.name for p in accepted}
+    for key in config:
+        if key not in names:
+            raise SystemExit(f"--set {name}.{key}: {cls.__name__} has no argument '{key}' "
+                             f"(have: {', '.join(p.name for p in accepted)})")
+    try:
+        cls([torch.nn.Parameter(torch.zeros(1))], **config)
+    except (TypeError, ValueError) as error:
+        raise SystemExit(f"--set {name}: {cls.__name__}({', '.join(f'{k}={v!r}' for k, v in config.items())}) "
+                         f"is refused: {error}") from None
+
+
 def main(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
@@ -75,6 +93,8 @@ def main(args: argparse.Namespace) -> int:
         if name not in configs:
             raise SystemExit(f"--set {name}.{key}: '{name}' is not among --optimizers")
         configs[name][key] = value
+    for name, config in configs.items():
+        _check_config(name, OPTIMIZERS[name][0], config)
     try:
         train_loader, test_loader = get_data_loaders(args.dataset, args.batch_size, args.root, args.download,
                                                      args.train_size, args.test_size, seed=args.seed)

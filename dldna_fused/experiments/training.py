@@ -149,7 +149,9 @@ def train_model(model: nn.Module, train_loader, test_loader, device, optimizer=N
     metrics = {"epochs": [], "train_losses": [], "train_accuracies": [], "test_losses": [], "test_accuracies": []}
     print(f"Starting training for {name}.")
     start = time.perf_counter()
-    for epoch in tqdm(range(1, epochs + 1), desc=name, disable=not progress):
+    # leave=False: the lines around it say when training starts and ends; a finished bar left in a
+    # log without a terminal width is a blank line.
+    for epoch in tqdm(range(1, epochs + 1), desc=name, disable=not progress, leave=False):
         train = train_epoch(model, train_loader, optimizer, device, loss_func)
         test = evaluate(model, test_loader, device, loss_func)
         metrics["epochs"].append(epoch)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -127,8 +128,36 @@ def main(args: argparse.Namespace) -> int:
     print(f"Hessian trace (Hutchinson, 100 samples): {trace:.4g} +- {trace_se:.2g}")
     print(f"interpolation loss: epoch 1 {losses[0]:.4f} -> epoch {args.epochs} {losses[-1]:.4f}")
     print(f"PCA explained variance: {explained[0]:.3f}, {explained[1]:.3f}")
+    for line in _extras_report(summary):
+        print(line)
     print(f"wrote the figures and landscape.json to {out}", file=sys.stderr)
     return 0
+
+
+def _extras_report(summary: dict) -> list[str]:
+    """The lines the extras' numbers get on the terminal (the README quotes them), from what
+    _extras put in ``summary``; landscape.json holds them all."""
+    lines = []
+    fit = summary.get("gaussian_fit")
+    if fit is not None:
+        A, x0, y0, s1, s2 = fit["popt"]
+        lines.append(f"Gaussian fit: A = {A:.4g}, sigma = ({s1:.3g}, {s2:.3g}), centre ({x0:.3g}, {y0:.3g}), "
+                     f"offset {fit['offset']:.4g}")
+        ends = ", ".join(f"{k} {math.hypot(e[0] - x0, e[1] - y0):.3g}" for k, e in fit["path_ends"].items())
+        lines.append(f"after 100 steps on it, distance from the centre: {ends}")
+    energy = summary.get("multiscale_energy")
+    if energy is not None:
+        lines.append(f"wavelet energy in the approximation: {100 * energy['fractions'][0]:.2f}%")
+    topology = summary.get("topology")
+    if topology is not None:
+        lines.append(f"persistence: {topology['minima_above_threshold']} minima above {topology['threshold']:.3g}, "
+                     f"longest finite lifetime {topology['longest_finite_lifetime']:.3g}")
+    dynamics = summary.get("dynamics")
+    if dynamics is not None:
+        lines.append(f"{len(dynamics['loss'])} more Adam epochs: training loss {dynamics['loss'][0]:.3g} -> "
+                     f"{dynamics['loss'][-1]:.3g}, weight norm {dynamics['weight_norm'][0]:.3g} -> "
+                     f"{dynamics['weight_norm'][-1]:.3g}")
+    return lines
 
 
 def _extras(args, out: Path, surface, vectors, model, loader, loss_func, name: str) -> dict:

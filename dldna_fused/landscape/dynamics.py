@@ -46,7 +46,7 @@ def visualize_training_dynamics(model: nn.Module, optimizer, train_loader, loss_
     model = model.to(device)
     previous = evaluate(model, train_loader, device, loss_func)["loss"]
     metrics = TrainingDynamics({key: [] for key in KEYS})
-    for _ in tqdm(range(num_epochs), desc="dynamics", disable=not progress):
+    for _ in tqdm(range(num_epochs), desc="dynamics", disable=not progress, leave=False):
         before = _flat(model)
         epoch = train_epoch(model, train_loader, optimizer, device, loss_func)
         after = _flat(model)

@@ -71,7 +71,7 @@ def xy_perturb_loss(model: nn.Module, top_eigenvectors, data_loader, loss_func, 
     buffers = [b.detach().clone() for b in model.buffers()]
     Z = np.empty((len(lambda2), len(lambda1)))
     show = progress if progress is not None else Z.size > 400
-    bar = tqdm(total=Z.size, desc="loss surface", disable=not show)
+    bar = tqdm(total=Z.size, desc="loss surface", disable=not show, leave=False)  # transient: no line left
     try:
         with eval_mode(model), torch.no_grad():
             for i, b in enumerate(lambda2):
