@@ -99,7 +99,11 @@ class Adafactor(FusedOptimizer):
             schedule: a torch lr scheduler cannot scale ``lr=None`` and its constructor raises a
             TypeError saying to use ``relative_step=False`` with an ``lr`` (see [Note: Adafactor
             and lr schedulers]); ``transformers.optimization.AdafactorSchedule`` (which reads
-            :meth:`_get_lr`) reports the relative step to loggers.
+            :meth:`_get_lr`) reports the relative step to loggers. With Hugging Face's Trainer,
+            pass it as the schedule: ``optimizers=(opt, AdafactorSchedule(opt))``; with
+            ``(opt, None)`` Trainer's default LambdaLR meets ``lr=None`` behind accelerate's
+            wrapper, where this check cannot run, and fails with ``TypeError: unsupported operand
+            type(s) for *: 'NoneType' and 'float'``.
         eps: :math:`(\epsilon_1, \epsilon_2)`: regularizes the squared gradient, and floors the
             parameter scale (default (1e-30, 1e-3)).
         clip_threshold: :math:`d`, the RMS the update is clipped to (default 1.0).
