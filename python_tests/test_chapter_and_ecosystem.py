@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import NEEDS_GUDHI
 from dldna_fused import optim, reference
 from dldna_fused.experiments import SimpleNetwork, get_data_loaders, get_device, train_model
 from dldna_fused.init import (analyze_initialization, create_detailed_analysis_table, init_methods,
@@ -119,6 +120,7 @@ def test_reference_adam_takes_the_chapters_keywords():
     assert torch.equal(a, b)
 
 
+@NEEDS_GUDHI
 def test_bottleneck_distance_takes_what_persistence_diagram_returns():
     x = np.linspace(-2, 2, 21)
     bowl = np.add.outer(x ** 2, x ** 2)

@@ -7,11 +7,11 @@ import warnings
 
 import numpy as np
 import pytest
-import pywt
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from conftest import NEEDS_GUDHI, NEEDS_PYWT
 from dldna_fused import optim, reference
 from dldna_fused.landscape import (GaussianFitError, analyze_loss_surface_multiscale, bottleneck_distance,
                                    decompose_surface, gaussian_surface, get_opt_params, persistence_diagram,
@@ -84,7 +84,10 @@ def test_every_optimizer_path_on_the_fitted_surface_stays_finite(name):
     assert gaussian_surface(*path[-1], *params) < start_loss  # every one descends
 
 
+@NEEDS_PYWT
 def test_wavelet_coefficients_match_pywt_and_energies_partition_the_surface():
+    import pywt
+
     rng = np.random.default_rng(1)
     z = rng.standard_normal((64, 64)).cumsum(0).cumsum(1)
     result = decompose_surface(z, "db2", levels=3, mode="periodization")
@@ -98,6 +101,7 @@ def test_wavelet_coefficients_match_pywt_and_energies_partition_the_surface():
     assert sum(energy["fractions"]) == pytest.approx(1.0)
 
 
+@NEEDS_PYWT
 def test_a_smooth_bowl_has_almost_no_detail_energy():
     x = np.linspace(-1, 1, 32)
     X, Y = np.meshgrid(x, x)
@@ -110,7 +114,10 @@ def test_a_smooth_bowl_has_almost_no_detail_energy():
     assert added > 0.5 * (ripple**2).sum()
 
 
+@NEEDS_PYWT
 def test_wavelet_level_is_clamped_to_pywt_max():
+    import pywt
+
     z = np.random.default_rng(2).standard_normal((32, 32))
     max_level = pywt.dwt_max_level(32, pywt.Wavelet("db2").dec_len)
     with pytest.warns(UserWarning, match="exceeds pywt.dwt_max_level"):
@@ -123,6 +130,7 @@ def two_basins(n=51):
     return -np.exp(-((X + 1.5) ** 2 + Y**2)) - 0.8 * np.exp(-((X - 1.5) ** 2 + Y**2))
 
 
+@NEEDS_GUDHI
 def test_two_separated_basins_give_exactly_two_persistent_minima():
     diagram = persistence_diagram(two_basins())
     summary = persistence_summary(diagram, threshold=0.1)
@@ -133,6 +141,7 @@ def test_two_separated_basins_give_exactly_two_persistent_minima():
     assert 0.5 < summary["longest_finite_lifetime"] < 0.8
 
 
+@NEEDS_GUDHI
 def test_bottleneck_distance_is_zero_on_identical_diagrams_and_symmetric():
     d1 = persistence_diagram(two_basins())[0]
     d2 = persistence_diagram(two_basins() + 0.05 * np.random.default_rng(3).standard_normal((51, 51)))[0]
@@ -163,6 +172,8 @@ def test_training_dynamics_has_one_finite_entry_per_epoch(make, tmp_path):
     assert len(metrics.figure.axes) == 5 and (tmp_path / "dyn.png").stat().st_size > 1000
 
 
+@NEEDS_GUDHI
+@NEEDS_PYWT
 def test_every_plot_writes_a_png(tmp_path):
     X, Y = grid(21)
     Z = gaussian_surface(X, Y, -2.0, 0.3, -0.4, 0.8, 1.2, 3.0)
@@ -177,6 +188,7 @@ def test_every_plot_writes_a_png(tmp_path):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
 
 
+@NEEDS_PYWT
 def test_multiscale_computes_its_own_surface_from_a_model():
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 2))
     with warnings.catch_warnings():
@@ -186,6 +198,8 @@ def test_multiscale_computes_its_own_surface_from_a_model():
     assert result["surface"][2].shape == (16, 16) and result["level"] >= 1
 
 
+@NEEDS_GUDHI
+@NEEDS_PYWT
 def test_landscape_cli_extras_write_their_figures(tmp_path, capsys):
     from dldna_fused.cli import main
 
