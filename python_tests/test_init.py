@@ -186,3 +186,17 @@ def test_results_do_not_depend_on_the_order_of_the_methods():
                                            progress=False)
     for name in methods:
         assert forward[name]["step_losses"] == backward[name]["step_losses"]
+
+
+def test_variance_plot_legends_do_not_cover_the_curves():
+    # The backward panel's legend sat over the curves of layers 10-16.
+    from dldna_fused.init.variance import plot_variance_propagation
+
+    depth = 17
+    results = {f"method{k}": {"forward": list(np.logspace(0, -k, depth)), "backward": list(np.logspace(-k, 0, depth))}
+               for k in range(7)}
+    fig = plot_variance_propagation(results, "t")
+    fig.canvas.draw()
+    for ax in fig.axes:
+        legend, area = ax.get_legend().get_window_extent(), ax.get_window_extent()
+        assert not legend.overlaps(area), ax.get_title()

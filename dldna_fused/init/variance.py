@@ -63,7 +63,7 @@ def plot_variance_propagation(results: dict, title: str | None = None, save_path
 
     import numpy as np
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 5.2))
     for ax, key, what in zip(axes, ("forward", "backward"), ("forward: Var(layer output)", "backward: Var(dL/d output)")):
         curves = {name: np.asarray(r[key], dtype=float) for name, r in results.items()}
         # A method that explodes (l-momentum reaches ~1e35) would squash the others into a line:
@@ -84,5 +84,6 @@ def plot_variance_propagation(results: dict, title: str | None = None, save_path
         ax.set_xlabel("layer")
         ax.set_title(what)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
+        # Below the axes: inside, the legend covered the curves of the deep layers.
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     return finish_figure(fig, title, save_path)
