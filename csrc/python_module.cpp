@@ -264,6 +264,9 @@ py::dict adafactor_gpu_plan(const std::vector<std::tuple<int64_t, int64_t, int64
   out["column_blocks"] = plan.column_blocks();
   out["combine_blocks"] = plan.combine_blocks();
   out["mean_blocks"] = plan.mean_blocks();
+  out["row_combine_blocks"] = plan.row_combine_blocks();
+  out["max_block_elements"] = plan.max_block_elements;
+  out["max_block_elements_bound"] = kGpuMaxBlockElements;
   out["workspace_bytes"] = plan.workspace_bytes();
   out["threads_per_block"] = kGpuThreads;
   return out;

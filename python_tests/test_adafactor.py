@@ -319,6 +319,12 @@ PLAN_CASES = {
     "embedding-4096x128256": [(4096 * 128256, 4096, 128256)],
     "conv-2048x512x1x1": [(2048 * 512, 1, 1)],
     "tall-and-tiny": [(513 * 3, 513, 3), (40 * 64 * 64, 64, 64), (1, 1, 1)],
+    # The cliffs of the earlier plan (issue 23): a [1, N] row on one warp, an [N, 1] column on one
+    # thread per block, a tall matrix whose column threads each walked 4000 rows.
+    "one-long-row": [(2**22, 1, 2**22)],
+    "one-long-column": [(2**22, 2**22, 1)],
+    "tall-32000x4096": [(32000 * 4096, 32000, 4096)],
+    "stack-of-long-rows": [(64 * 3 * 50000, 3, 50000)],
 }
 
 
@@ -330,17 +336,38 @@ def test_gpu_plan_workspace_and_blocks_scale_with_the_params(shapes):
     assert plan["workspace_bytes"] <= 0.01 * param_bytes + 8 * len(shapes)
     # Every launch: at most 4 blocks per (threads x 16 B) of params, plus a few per tensor.
     limit = 4 * param_bytes / (plan["threads_per_block"] * 16) + 2 * len(shapes)
-    for launch in ("row_blocks", "column_blocks", "combine_blocks", "mean_blocks"):
+    for launch in ("row_blocks", "column_blocks", "combine_blocks", "mean_blocks", "row_combine_blocks"):
         assert plan[launch] <= limit, launch
     assert plan["row_blocks"] >= 1
+    # No block of any pass over g or its partials reads more than a fixed 64 x (256 threads x 16
+    # bytes) of fp32, whatever the shape.
+    assert plan["max_block_elements"] <= plan["max_block_elements_bound"] == 64 * 256 * 16 // 4
+    # And the big tensors are spread over many blocks: at least one per 2 x kGpuMaxBlockElements.
+    numel = sum(n for n, _, _ in shapes)
+    factored = sum(n for n, rows, cols in shapes if rows and cols)  # only these have column blocks
+    assert plan["row_blocks"] >= numel / (2 * plan["max_block_elements_bound"])
+    assert plan["column_blocks"] >= factored / (2 * plan["max_block_elements_bound"])
+
+
+@pytest.mark.parametrize("shape,row_blocks,column_blocks", [
+    ((1, 2**22), 2**22 // 8192, 2**22 // 8192),          # segments of 8192 columns; columns 8192 a block
+    ((2**22, 1), 2**22 // 8192, 2**22 // 65536),         # 8192 one-column rows; 256 lanes x 256 rows
+    ((32000, 4096), 32000, 125 * 16),                    # a row per block; 125 strips of 256 rows
+])
+def test_gpu_plan_cuts_single_long_shapes_into_many_blocks(shape, row_blocks, column_blocks):
+    rows, cols = shape
+    plan = _C.adafactor_gpu_plan([(rows * cols, rows, cols)])
+    assert plan["row_blocks"] == row_blocks and plan["column_blocks"] == column_blocks
 
 
 def test_gpu_plan_of_the_wide_embedding_alone():
-    # One [4096, 128256] matrix: 8 rows per row block, 8 strips of 512 rows in 501 column tiles,
-    # and 8 x 128256 column partials (4.1 MB) as the only sizeable workspace.
+    # One [4096, 128256] matrix: each row in 16 segments of 8016 columns (65536 row blocks, whose
+    # 4096 x 16 partial row sums 16 row-combine blocks add), 16 strips of 256 rows in 501 column
+    # tiles, 16 x 128256 column partials added by 251 combine blocks of 512 columns.
     plan = _C.adafactor_gpu_plan([(4096 * 128256, 4096, 128256)])
-    assert plan["row_blocks"] == 512 and plan["column_blocks"] == 8 * 501 and plan["combine_blocks"] == 126
-    assert plan["workspace_bytes"] == 16 * 512 + 4 * (8 * 128256 + 1) + 8
+    assert plan["row_blocks"] == 4096 * 16 and plan["row_combine_blocks"] == 16
+    assert plan["column_blocks"] == 16 * 501 and plan["combine_blocks"] == 251
+    assert plan["workspace_bytes"] == 16 * 4096 * 16 + 4 * (16 * 128256 + 4096 * 16 + 1) + 8
 
 
 def test_gpu_plan_packs_tiny_matrices():
@@ -350,8 +377,10 @@ def test_gpu_plan_packs_tiny_matrices():
     assert plan["combine_blocks"] == plan["mean_blocks"] == 0
 
 
-@pytest.mark.parametrize("shape", [(64, 3000), (96, 64, 1, 1), (600, 40), (3, 700, 70), (1, 5)],
-                         ids=["wide", "tiny-matrices", "tall-narrow", "tall-stack", "one-row"])
+@pytest.mark.parametrize("shape", [(64, 3000), (96, 64, 1, 1), (600, 40), (3, 700, 70), (1, 5), (3, 20000),
+                                   (1, 70000), (70000, 1), (5000, 3), (700, 300)],
+                         ids=["wide", "tiny-matrices", "tall-narrow", "tall-stack", "one-row", "segmented-rows",
+                              "one-long-row", "one-long-column", "lanes-per-column", "strips-of-256"])
 @pytest.mark.parametrize("device", [d for d in DEVICES if d != "cpu"])
 def test_cuda_matches_cpu_on_the_shapes_the_plan_cuts_differently(device, shape):
     # Scaled-down versions of the planned cases: several strips (600 and 700 rows), warp rows and

@@ -41,18 +41,21 @@ struct TensorDesc {
   AdafactorGpuTensor plan;
 };
 
-// The four launches' first block per tensor (n + 1 entries each), in one device buffer.
+// The launches' first block per tensor (n + 1 entries each), in one device buffer.
 struct Runs {
   const int64_t* row;
   const int64_t* column;
   const int64_t* combine;
   const int64_t* mean;
+  const int64_t* row_combine;
 };
+constexpr int kRunArrays = 5;
 
 struct Workspace {
   double* p2;  // per row block
   double* u2;  // per row block
   float* column_partials;
+  float* row_partials;  // per segment of segmented rows (segments > 1)
   float* row_means;
   float* alpha;  // per tensor
   float* scale;  // per tensor
@@ -117,35 +120,49 @@ __device__ double block_sum(double v) {
   return total;
 }
 
-// Calls f(row) for every row of rows [begin, end) a warp (long rows) or a thread (short rows) of
-// this block owns, and sum(row, col_begin, col_step) is how that owner walks the row's columns.
-template <typename RowFn>
-__device__ __forceinline__ void for_owned_rows(const TensorDesc& t, int64_t begin, int64_t end, RowFn&& f) {
-  if (t.cols >= kGpuWarpRowCols) {
-    for (int64_t row = begin + threadIdx.x / 32; row < end; row += kWarps) {
-      f(row, static_cast<int64_t>(threadIdx.x % 32), int64_t{32}, true);
-    }
-  } else {
-    for (int64_t row = begin + threadIdx.x; row < end; row += kThreads) {
-      f(row, int64_t{0}, int64_t{1}, false);
-    }
-  }
-}
-
-// The rows [begin, end) of row block `block` of tensor i.
+// The rows [begin, end) of row block `block` of tensor i, and in segment mode the columns
+// [col_begin, col_end) of its one row (else all of them).
 struct RowBlock {
   int64_t tensor;
   int64_t begin;
   int64_t end;
+  int64_t segment;
+  int64_t col_begin;
+  int64_t col_end;
 };
 
 __device__ __forceinline__ RowBlock row_block(const Args& a) {
   const int64_t block = blockIdx.x;
   const int64_t i = tensor_of(a.runs.row, a.num_tensors, block);
   const TensorDesc& t = a.tensors[i];
+  const int64_t local = block - a.runs.row[i];
+  if (t.plan.segments > 0) {
+    const int64_t row = local / t.plan.segments;
+    const int64_t segment = local % t.plan.segments;
+    const int64_t col_begin = segment * t.plan.segment_cols;
+    return {i, row, row + 1, segment, col_begin, min(t.cols, col_begin + t.plan.segment_cols)};
+  }
   const int64_t total = t.rows > 0 ? t.plan.matrices * t.rows : t.numel;
-  const int64_t begin = (block - a.runs.row[i]) * t.plan.rows_per_block;
-  return {i, begin, min(total, begin + t.plan.rows_per_block)};
+  const int64_t begin = local * t.plan.rows_per_block;
+  return {i, begin, min(total, begin + t.plan.rows_per_block), 0, 0, t.cols};
+}
+
+// Calls f(row, first, stride, end, warp) for every row of the block a warp (long rows), a thread
+// (short rows) or, in segment mode, all threads own: the owner walks columns first, first +
+// stride, ... below end.
+template <typename RowFn>
+__device__ __forceinline__ void for_owned_rows(const TensorDesc& t, const RowBlock& rb, RowFn&& f) {
+  if (t.plan.segments > 0) {
+    f(rb.begin, rb.col_begin + static_cast<int64_t>(threadIdx.x), int64_t{kThreads}, rb.col_end, false);
+  } else if (t.cols >= kGpuWarpRowCols) {
+    for (int64_t row = rb.begin + threadIdx.x / 32; row < rb.end; row += kWarps) {
+      f(row, static_cast<int64_t>(threadIdx.x % 32), int64_t{32}, t.cols, true);
+    }
+  } else {
+    for (int64_t row = rb.begin + threadIdx.x; row < rb.end; row += kThreads) {
+      f(row, int64_t{0}, int64_t{1}, t.cols, false);
+    }
+  }
 }
 
 // What every row-block kernel starts from: its rows, tensor, 1 / grad scale and data.
@@ -182,13 +199,18 @@ __global__ void __launch_bounds__(kThreads) row_pass_kernel(const Args a) {
   const auto& [rb, t, inv, grad, param] = ctx;
   const AdafactorDecay decay = ctx.decay(a);
   float p2 = 0.f;
-  for_owned_rows(t, rb.begin, rb.end, [&](int64_t row, int64_t first, int64_t stride, bool warp) {
+  float segment_sum = 0.f;
+  for_owned_rows(t, rb, [&](int64_t row, int64_t first, int64_t stride, int64_t end, bool warp) {
     const int64_t offset = row * t.cols;
     float sum = 0.f;
-    for (int64_t c = first; c < t.cols; c += stride) {
+    for (int64_t c = first; c < end; c += stride) {
       sum += adafactor_g2(static_cast<float>(grad[offset + c]) * inv, a.eps1);
       const float p = static_cast<float>(param[offset + c]);
       p2 += p * p;
+    }
+    if (t.plan.segments > 0) {
+      segment_sum = sum;  // the block's threads share the row: added below
+      return;
     }
     if (warp) {
       sum = warp_sum(sum);
@@ -197,10 +219,44 @@ __global__ void __launch_bounds__(kThreads) row_pass_kernel(const Args a) {
       t.row[row] = adafactor_ema(t.row[row], sum / static_cast<float>(t.cols), decay);
     }
   });
+  if (t.plan.segments > 0) {
+    // One segment of one row: its sum, in a fixed order; the row's EMA here when it is the only
+    // segment, else in combine_rows_kernel, which adds the segments in order.
+    const double sum = block_sum(segment_sum);
+    if (threadIdx.x == 0) {
+      if (t.plan.segments == 1) {
+        t.row[rb.begin] = adafactor_ema(t.row[rb.begin], static_cast<float>(sum) / static_cast<float>(t.cols), decay);
+      } else {
+        a.ws.row_partials[t.plan.row_partial_offset + rb.begin * t.plan.segments + rb.segment] = static_cast<float>(sum);
+      }
+    }
+  }
   const double total = block_sum(p2);
   if (threadIdx.x == 0) {
     a.ws.p2[blockIdx.x] = total;
   }
+}
+
+// ---- Pass 1, factored: the row sums of segmented rows, added in segment order --------------------
+
+__global__ void __launch_bounds__(kThreads) combine_rows_kernel(const Args a) {
+  if (skipped(a)) {
+    return;
+  }
+  const int64_t block = blockIdx.x;
+  const int64_t i = tensor_of(a.runs.row_combine, a.num_tensors, block);
+  const TensorDesc& t = a.tensors[i];
+  const int64_t row = (block - a.runs.row_combine[i]) * kThreads + threadIdx.x;
+  if (row >= t.plan.matrices * t.rows) {
+    return;
+  }
+  const AdafactorDecay decay = adafactor_decay(a.options, static_cast<double>(*t.step) + 1.0);
+  const float* partials = a.ws.row_partials + t.plan.row_partial_offset + row * t.plan.segments;
+  float sum = 0.f;
+  for (int64_t s = 0; s < t.plan.segments; ++s) {
+    sum += partials[s];
+  }
+  t.row[row] = adafactor_ema(t.row[row], sum / static_cast<float>(t.cols), decay);
 }
 
 // ---- Pass 1, factored: column sums over one strip of rows --------------------------------------
@@ -224,12 +280,36 @@ __global__ void __launch_bounds__(kThreads) column_pass_kernel(const Args a) {
   const float inv = inv_grad_scale(a);
   const auto* grad = static_cast<const P*>(t.grad);
   const AdafactorDecay decay = adafactor_decay(a.options, static_cast<double>(*t.step) + 1.0);
-  for (int64_t column = col_begin + threadIdx.x; column < col_end; column += kThreads) {
-    const int64_t matrix = column / t.cols;
-    const int64_t base = (matrix * t.rows) * t.cols + column % t.cols;
+  // `lanes` threads per column (narrow tensors), each adding every lanes-th row; their sums are
+  // added in lane order. The loop runs the same passes on every thread, so its barriers are safe.
+  const int64_t lanes = plan.column_lanes;
+  const int64_t per_pass = kThreads / lanes;
+  const int64_t slot = threadIdx.x % per_pass;
+  const int64_t lane = threadIdx.x / per_pass;
+  __shared__ float lane_sums[kThreads];
+  for (int64_t pass_begin = col_begin; pass_begin < col_end; pass_begin += per_pass) {
+    const int64_t column = pass_begin + slot;
     float sum = 0.f;
-    for (int64_t r = row_begin; r < row_end; ++r) {
-      sum += adafactor_g2(static_cast<float>(grad[base + r * t.cols]) * inv, a.eps1);
+    if (column < col_end) {
+      const int64_t matrix = column / t.cols;
+      const int64_t base = (matrix * t.rows) * t.cols + column % t.cols;
+      for (int64_t r = row_begin + lane; r < row_end; r += lanes) {
+        sum += adafactor_g2(static_cast<float>(grad[base + r * t.cols]) * inv, a.eps1);
+      }
+    }
+    if (lanes > 1) {
+      lane_sums[threadIdx.x] = sum;
+      __syncthreads();
+      if (lane == 0) {
+        sum = 0.f;
+        for (int64_t l = 0; l < lanes; ++l) {
+          sum += lane_sums[l * per_pass + slot];
+        }
+      }
+      __syncthreads();
+    }
+    if (lane != 0 || column >= col_end) {
+      continue;
     }
     if (plan.strips == 1) {
       t.col[column] = adafactor_ema(t.col[column], sum / static_cast<float>(t.rows), decay);
@@ -346,10 +426,10 @@ __global__ void __launch_bounds__(kThreads) update_norm_kernel(const Args a) {
   const RowContext<P> ctx(a);
   const auto& [rb, t, inv, grad, param] = ctx;
   float u2 = 0.f;
-  for_owned_rows(t, rb.begin, rb.end, [&](int64_t row, int64_t first, int64_t stride, bool) {
+  for_owned_rows(t, rb, [&](int64_t row, int64_t first, int64_t stride, int64_t end, bool) {
     const float rf = row_factor(a, t, row);
     const float* col = t.col + (row / t.rows) * t.cols;
-    for (int64_t c = first; c < t.cols; c += stride) {
+    for (int64_t c = first; c < end; c += stride) {
       const float update = static_cast<float>(grad[row * t.cols + c]) * inv * (rf * (1.f / sqrtf(col[c])));
       u2 += update * update;
     }
@@ -398,10 +478,10 @@ __global__ void __launch_bounds__(kThreads) apply_kernel(const Args a) {
     }
     return;
   }
-  for_owned_rows(t, rb.begin, rb.end, [&](int64_t row, int64_t first, int64_t stride, bool) {
+  for_owned_rows(t, rb, [&](int64_t row, int64_t first, int64_t stride, int64_t end, bool) {
     const float rf = row_factor(a, t, row);
     const float* col = t.col + (row / t.rows) * t.cols;
-    for (int64_t cc = first; cc < t.cols; cc += stride) {
+    for (int64_t cc = first; cc < end; cc += stride) {
       const int64_t e = row * t.cols + cc;
       apply_at(e, static_cast<float>(grad[e]) * inv * (rf * (1.f / sqrtf(col[cc]))));
     }
@@ -424,6 +504,7 @@ void launch(const Args& args, const AdafactorGpuPlan& plan, bool factored) {
   const int64_t tensors = args.num_tensors;
   if (factored) {
     launch_over(row_pass_kernel<P>, plan.row_blocks(), args, stream);
+    launch_over(combine_rows_kernel, plan.row_combine_blocks(), args, stream);
     launch_over(column_pass_kernel<P>, plan.column_blocks(), args, stream);
     launch_over(combine_columns_kernel, plan.combine_blocks(), args, stream);
     launch_over(row_means_kernel, plan.mean_blocks(), args, stream);
@@ -487,16 +568,16 @@ void fused_adafactor_cuda(at::TensorList params, at::TensorList grads,
     }
   }
 
-  // The descriptors and the four runs in one pinned host buffer, copied to the device at once.
+  // The descriptors and the runs in one pinned host buffer, copied to the device at once.
   const size_t tensor_bytes = n * sizeof(TensorDesc);
   const size_t run_bytes = (n + 1) * sizeof(int64_t);
-  at::Tensor host = at::empty({static_cast<int64_t>(tensor_bytes + 4 * run_bytes)},
+  at::Tensor host = at::empty({static_cast<int64_t>(tensor_bytes + kRunArrays * run_bytes)},
                               at::TensorOptions().dtype(at::kByte).pinned_memory(true));
   auto* bytes = static_cast<uint8_t*>(host.data_ptr());
   std::memcpy(bytes, tensors.data(), tensor_bytes);
-  const std::vector<int64_t>* runs[4] = {&plan.row_first, &plan.column_first, &plan.combine_first,
-                                         &plan.mean_first};
-  for (int k = 0; k < 4; ++k) {
+  const std::vector<int64_t>* runs[kRunArrays] = {&plan.row_first, &plan.column_first, &plan.combine_first,
+                                                  &plan.mean_first, &plan.row_combine_first};
+  for (int k = 0; k < kRunArrays; ++k) {
     std::memcpy(bytes + tensor_bytes + k * run_bytes, runs[k]->data(), run_bytes);
   }
   const at::Tensor descriptors = host.to(at::TensorOptions().device(params[0].device()), /*non_blocking=*/true);
@@ -513,10 +594,12 @@ void fused_adafactor_cuda(at::TensorList params, at::TensorList grads,
   args.runs.column = args.runs.row + (n + 1);
   args.runs.combine = args.runs.column + (n + 1);
   args.runs.mean = args.runs.combine + (n + 1);
+  args.runs.row_combine = args.runs.mean + (n + 1);
   args.ws.p2 = reinterpret_cast<double*>(w);
   args.ws.u2 = args.ws.p2 + plan.row_blocks();
   args.ws.column_partials = reinterpret_cast<float*>(args.ws.u2 + plan.row_blocks());
-  args.ws.row_means = args.ws.column_partials + plan.column_partial_floats;
+  args.ws.row_partials = args.ws.column_partials + plan.column_partial_floats;
+  args.ws.row_means = args.ws.row_partials + plan.row_partial_floats;
   args.ws.alpha = args.ws.row_means + plan.row_mean_floats;
   args.ws.scale = args.ws.alpha + n;
   args.options = o;
