@@ -15,6 +15,9 @@ run() { echo "\$ dldna-fused $*"; "$py" -m dldna_fused "$@" --no-progress; echo;
 {
   date -u +"%Y-%m-%d %H:%M UTC"
   run compare --dataset digits --model mlp --optimizers sgd,adam,lion,sophia,adafactor --epochs 5 --out "$out/compare"
+  run compare --dataset digits --model cnn --optimizers sgd,adam,lion,sophia,adafactor --epochs 5 --out "$out/compare_cnn"
+  run compare --dataset digits --model transformer --optimizers sgd,adam,lion,sophia,adafactor --epochs 5 \
+    --out "$out/compare_transformer"
   run init --dataset digits --out "$out/init"
   run landscape --extras all --out "$out/landscape"
   echo "\$ python benchmarks/lowbit_quality.py"; "$py" benchmarks/lowbit_quality.py --out "$out/lowbit"
