@@ -35,7 +35,7 @@ namespace {
 // kernel. Two costs, two fixes:
 // - Converting every list element to an IValue, every step, although only the grads change.
 //   FrozenTensorList converts a list once; the optimizers keep one per state list between steps
-//   (see [Note: cached tensor lists] in dldna_fused/optim/_fused.py).
+//   (see [Note: cached tensor lists] in dldna_fused/optim/_group_lists.py).
 // - torch.ops frees its argument stack with the GIL released; a tensor whose last C++ reference
 //   goes away while its Python object lives must re-take the GIL (PyObject preservation), so a
 //   call took and dropped the GIL once per tensor (~1 ms of the 2). EagerOp keeps a reference to
@@ -313,7 +313,7 @@ py::list tensors_of(py::handle obj) {
 // Whether states[i][keys[k]] is lists[k][i] (the same object) for every i and k, where states[i]
 // is the state dict of the i-th param of the lists: with dict_items/same_items below, the check
 // that lets a step reuse its cached lists ([Note: cached tensor lists] in
-// dldna_fused/optim/_fused.py). Looks up string keys only: hashing 2000 params through
+// dldna_fused/optim/_group_lists.py). Looks up string keys only: hashing 2000 params through
 // Tensor.__hash__ (a Python method) would cost more than the rest of the check.
 bool states_match(const py::list& states, const py::tuple& keys, const py::list& lists) {
   const size_t n = states.size();

@@ -1,5 +1,5 @@
 """DTensor plumbing shared by the optimizers and the clipping functions (see [Note: sharded
-params] in dldna_fused/optim/_fused.py)."""
+params] in dldna_fused/optim/_group_lists.py)."""
 
 from __future__ import annotations
 

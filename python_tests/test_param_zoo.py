@@ -12,7 +12,7 @@ import torch
 
 from conftest import LOW_PRECISION_FACTOR, fp32_tolerance, relative_error
 from dldna_fused import ops, optim, reference
-from dldna_fused.optim._fused import SIGNED_STATES
+from dldna_fused.optim._state_dict import SIGNED_STATES
 from dldna_fused.clip import clip_coefficient, get_total_norm
 from param_zoo import DTYPES, as_params, zoo, zoo_grads
 

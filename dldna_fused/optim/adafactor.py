@@ -9,7 +9,9 @@ import torch
 from dldna_fused import ops
 from dldna_fused._closure import closure_loss
 from dldna_fused._distributed import dtensor_type
-from dldna_fused.optim._fused import FusedOptimizer, _occurrences, _packable, _packed, _packed_steps, scalar
+from dldna_fused.optim._flat_state import _packable, _packed, _packed_steps
+from dldna_fused.optim._fused import FusedOptimizer, scalar
+from dldna_fused.optim._group_lists import _occurrences
 from dldna_fused.reference.adafactor import check_adafactor_options
 
 

@@ -12,7 +12,10 @@ import torch
 from dldna_fused import ops
 from dldna_fused._closure import closure_loss
 from dldna_fused._distributed import dtensor_type, to_local
-from dldna_fused.optim._fused import SIGNED_STATES, FusedOptimizer, _occurrences, _packed, dequantize_state, scalar
+from dldna_fused.optim._flat_state import _packed
+from dldna_fused.optim._fused import FusedOptimizer, scalar
+from dldna_fused.optim._group_lists import _occurrences
+from dldna_fused.optim._state_dict import SIGNED_STATES, dequantize_state
 from dldna_fused.optim.adam import Adam
 from dldna_fused.optim.lion import Lion
 
