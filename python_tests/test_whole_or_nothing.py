@@ -648,3 +648,27 @@ def test_a_raw_op_with_one_meta_tensor_raises_instead_of_doing_nothing(op):
     # All on meta is a valid call (what a model on the meta device traces).
     OP_CALLS[op]([torch.ones(4, device="meta")], [torch.ones(4, device="meta")],
                  lambda shape=(4,): torch.zeros(shape, device="meta"))
+
+
+@pytest.mark.parametrize("first,then", [(0, 10**6), (10**6, 0)], ids=["to-fp32-states", "to-quantized"])
+def test_a_state_dict_taken_after_min_8bit_size_changed_loads_and_continues(first, then):
+    # The third option that changes which states a param has: the param that had no grad since
+    # the change still holds the other kind; load converts it, as the next step would.
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(300)), torch.nn.Parameter(torch.randn(5000))]
+    opt = optim.AdamW8bit(ps, lr=0.1, min_8bit_size=first, block_size=64)
+    _set_grads(ps, [torch.randn(300), torch.randn(5000)])
+    opt.step()
+    opt.param_groups[0]["min_8bit_size"] = then
+    _set_grads(ps, [torch.randn(300), None])
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    assert ("exp_avg_codes" in saved["state"][1]) == (first == 0)  # still the kind it was
+    twin = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    reloaded = optim.AdamW8bit(twin, lr=0.1, min_8bit_size=then, block_size=64)
+    reloaded.load_state_dict(saved)
+    grads = [torch.randn(300), torch.randn(5000)]
+    for params, o in ((ps, opt), (twin, reloaded)):
+        _set_grads(params, grads)
+        o.step()
+    assert all(torch.equal(p, q) for p, q in zip(ps, twin))
