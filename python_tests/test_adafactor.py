@@ -325,6 +325,8 @@ PLAN_CASES = {
     "one-long-column": [(2**22, 2**22, 1)],
     "tall-32000x4096": [(32000 * 4096, 32000, 4096)],
     "stack-of-long-rows": [(64 * 3 * 50000, 3, 50000)],
+    # 501 strips: the combine's threads share a column's partials.
+    "llama3-embedding-128256x4096": [(128256 * 4096, 128256, 4096)],
 }
 
 
@@ -353,6 +355,7 @@ def test_gpu_plan_workspace_and_blocks_scale_with_the_params(shapes):
     ((1, 2**22), 2**22 // 8192, 2**22 // 8192),          # segments of 8192 columns; columns 8192 a block
     ((2**22, 1), 2**22 // 8192, 2**22 // 65536),         # 8192 one-column rows; 256 lanes x 256 rows
     ((32000, 4096), 32000, 125 * 16),                    # a row per block; 125 strips of 256 rows
+    ((128256, 4096), 128256, 501 * 16),                  # 501 strips, combined two lanes per column
 ])
 def test_gpu_plan_cuts_single_long_shapes_into_many_blocks(shape, row_blocks, column_blocks):
     rows, cols = shape
@@ -378,9 +381,10 @@ def test_gpu_plan_packs_tiny_matrices():
 
 
 @pytest.mark.parametrize("shape", [(64, 3000), (96, 64, 1, 1), (600, 40), (3, 700, 70), (1, 5), (3, 20000),
-                                   (1, 70000), (70000, 1), (5000, 3), (700, 300)],
+                                   (1, 70000), (70000, 1), (5000, 3), (700, 300), (70000, 300)],
                          ids=["wide", "tiny-matrices", "tall-narrow", "tall-stack", "one-row", "segmented-rows",
-                              "one-long-row", "one-long-column", "lanes-per-column", "strips-of-256"])
+                              "one-long-row", "one-long-column", "lanes-per-column", "strips-of-256",
+                              "combine-lanes"])
 @pytest.mark.parametrize("device", [d for d in DEVICES if d != "cpu"])
 def test_cuda_matches_cpu_on_the_shapes_the_plan_cuts_differently(device, shape):
     # Scaled-down versions of the planned cases: several strips (600 and 700 rows), warp rows and

@@ -90,10 +90,12 @@ AdafactorGpuPlan plan_adafactor_gpu(const std::vector<AdafactorShape>& shapes) {
       t.column_tiles = ceil_div(columns, t.columns_per_block);
       most = std::max(most, t.rows_per_strip * std::min(columns, t.columns_per_block));
       if (t.strips > 1) {
-        // A thread per column adds the strips' partials in order: at most kGpuMaxBlockElements
-        // per block as long as strips <= kGpuStripRowsPerThread (matrices of up to 65536 x lanes
-        // rows; the combine's reads grow with the rows beyond that).
-        t.columns_per_combine = kGpuThreads * std::max<int64_t>(1, kGpuBlockElements / (kGpuThreads * t.strips));
+        // The strips' partials of a column are added by combine_lanes threads (each at most
+        // kGpuStripRowsPerThread of them, every lanes-th), then in lane order.
+        t.combine_lanes = std::min<int64_t>(kGpuThreads, ceil_pow2(ceil_div(t.strips, kGpuStripRowsPerThread)));
+        const int64_t combine_per_pass = kGpuThreads / t.combine_lanes;
+        t.columns_per_combine =
+            combine_per_pass * std::max<int64_t>(1, kGpuBlockElements / (combine_per_pass * t.strips));
         t.combine_blocks = ceil_div(columns, t.columns_per_combine);
         t.partial_offset = plan.column_partial_floats;
         plan.column_partial_floats += t.strips * columns;

@@ -23,7 +23,8 @@
 //   a column; where there are fewer columns than threads, `column_lanes` threads share a column
 //   (each every lanes-th row) and add their sums in lane order. With one strip the block finishes
 //   C's EMA itself; with several it writes a partial per column and strip, and a combine launch
-//   adds the strips in order.
+//   adds them, its threads again at most kGpuStripRowsPerThread strips each (several per column
+//   for very tall matrices), in a fixed order.
 // - mean blocks: the mean of R per matrix (a warp per matrix, in double), for matrices of more
 //   than one row (a one-row matrix's mean is its row).
 // Every partial has its own slot and is added in a fixed order, so results do not depend on
@@ -69,6 +70,7 @@ struct AdafactorGpuTensor {
   int64_t column_lanes = 0;     // threads per column (a power of two; 1 when columns fill the block)
   int64_t columns_per_block = 0;  // over matrices x cols
   int64_t column_tiles = 0;     // column blocks = strips x column_tiles
+  int64_t combine_lanes = 0;    // threads per column in the combine (strips > 1)
   int64_t columns_per_combine = 0;
   int64_t combine_blocks = 0;   // strips > 1 only
   int64_t mean_blocks = 0;      // rows > 1 only

@@ -237,6 +237,25 @@ __global__ void __launch_bounds__(kThreads) row_pass_kernel(const Args a) {
   }
 }
 
+// Where `lanes` threads share a value (thread = lane * per_pass + slot), the sum over lanes of
+// their `sum`s in lane order, valid in lane 0. Every thread of the block must call it (barriers).
+__device__ __forceinline__ float lane_ordered_sum(float sum, int64_t lanes, int64_t per_pass, int64_t slot,
+                                                  int64_t lane, float* lane_sums) {
+  if (lanes == 1) {
+    return sum;
+  }
+  lane_sums[threadIdx.x] = sum;
+  __syncthreads();
+  if (lane == 0) {
+    sum = 0.f;
+    for (int64_t l = 0; l < lanes; ++l) {
+      sum += lane_sums[l * per_pass + slot];
+    }
+  }
+  __syncthreads();
+  return sum;
+}
+
 // ---- Pass 1, factored: the row sums of segmented rows, added in segment order --------------------
 
 __global__ void __launch_bounds__(kThreads) combine_rows_kernel(const Args a) {
@@ -297,17 +316,7 @@ __global__ void __launch_bounds__(kThreads) column_pass_kernel(const Args a) {
         sum += adafactor_g2(static_cast<float>(grad[base + r * t.cols]) * inv, a.eps1);
       }
     }
-    if (lanes > 1) {
-      lane_sums[threadIdx.x] = sum;
-      __syncthreads();
-      if (lane == 0) {
-        sum = 0.f;
-        for (int64_t l = 0; l < lanes; ++l) {
-          sum += lane_sums[l * per_pass + slot];
-        }
-      }
-      __syncthreads();
-    }
+    sum = lane_ordered_sum(sum, lanes, per_pass, slot, lane, lane_sums);
     if (lane != 0 || column >= col_end) {
       continue;
     }
@@ -319,7 +328,8 @@ __global__ void __launch_bounds__(kThreads) column_pass_kernel(const Args a) {
   }
 }
 
-// The strips' partials of tall matrices, added in strip order.
+// The strips' partials of tall matrices: combine_lanes threads per column each add every
+// lanes-th strip, in strip order, and their sums are added in lane order.
 __global__ void __launch_bounds__(kThreads) combine_columns_kernel(const Args a) {
   if (skipped(a)) {
     return;
@@ -332,12 +342,23 @@ __global__ void __launch_bounds__(kThreads) combine_columns_kernel(const Args a)
   const int64_t begin = (block - a.runs.combine[i]) * plan.columns_per_combine;
   const int64_t end = min(columns, begin + plan.columns_per_combine);
   const AdafactorDecay decay = adafactor_decay(a.options, static_cast<double>(*t.step) + 1.0);
-  for (int64_t column = begin + threadIdx.x; column < end; column += kThreads) {
+  const int64_t lanes = plan.combine_lanes;
+  const int64_t per_pass = kThreads / lanes;
+  const int64_t slot = threadIdx.x % per_pass;
+  const int64_t lane = threadIdx.x / per_pass;
+  __shared__ float lane_sums[kThreads];
+  for (int64_t pass_begin = begin; pass_begin < end; pass_begin += per_pass) {
+    const int64_t column = pass_begin + slot;
     float sum = 0.f;
-    for (int64_t s = 0; s < plan.strips; ++s) {
-      sum += a.ws.column_partials[plan.partial_offset + s * columns + column];
+    if (column < end) {
+      for (int64_t s = lane; s < plan.strips; s += lanes) {
+        sum += a.ws.column_partials[plan.partial_offset + s * columns + column];
+      }
     }
-    t.col[column] = adafactor_ema(t.col[column], sum / static_cast<float>(t.rows), decay);
+    sum = lane_ordered_sum(sum, lanes, per_pass, slot, lane, lane_sums);
+    if (lane == 0 && column < end) {
+      t.col[column] = adafactor_ema(t.col[column], sum / static_cast<float>(t.rows), decay);
+    }
   }
 }
 
