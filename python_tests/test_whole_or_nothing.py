@@ -672,3 +672,24 @@ def test_a_state_dict_taken_after_min_8bit_size_changed_loads_and_continues(firs
         _set_grads(params, grads)
         o.step()
     assert all(torch.equal(p, q) for p, q in zip(ps, twin))
+
+
+def test_a_step_grad_scaler_skips_leaves_sophias_win_rate_and_cadence():
+    # found_inf set: the kernels skip the step; win_rate keeps the last applied step's value and
+    # the cadence does not count it (read lazily from found_inf, no sync in step()).
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = optim.Sophia([p], lr=0.1, k=2)
+    p.grad = torch.tensor([1.0, -1.0, 1e-3, 0.0])
+    opt.update_hessian()
+    p.grad = torch.tensor([0.01, -5.0, 0.02, 0.0])
+    opt.step()
+    rate = opt.win_rate
+    before = p.detach().clone()
+    opt.grad_scale, opt.found_inf = torch.ones(1), torch.ones(1)
+    for _ in range(20):  # more than the records it keeps unread
+        opt.step()
+    del opt.grad_scale, opt.found_inf
+    assert torch.equal(p, before) and opt.win_rate == rate and not opt.should_update_hessian()
+    p.grad = torch.tensor([0.5, 0.5, 0.5, 0.5])
+    opt.step()
+    assert opt.should_update_hessian() and opt.win_rate != rate

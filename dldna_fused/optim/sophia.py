@@ -85,7 +85,7 @@ class Sophia(FusedOptimizer):
         super().__init__(params, defaults, foreach=None, differentiable=False, fused=None,
                          state_dtype=state_dtype, max_grad_norm=max_grad_norm)
         self._seed = seed
-        self._generators: dict = {}  # device -> torch.Generator on it, seeded with `seed`
+        self._generators: dict = {}  # device -> torch.Generator on it (see _generator)
         self._steps_since_hessian = 0
         self._pending_found_inf: list = []  # GradScaler's found_inf of steps counted above
         self._win_records: list = []  # see win_rate
