@@ -118,14 +118,18 @@ def run_zero(name, rank, world):
     return out
 
 
-def shard(model, world):
+def shard(model, world, offload=False):
+    """FSDP2 over the ranks; with ``offload``, CPUOffloadPolicy: the sharded params, their grads
+    and so the optimizer states live on the host and the step runs there (on this CPU-only
+    machine that is where they were anyway, but FSDP2 takes its offload code path)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
     mesh = init_device_mesh("cpu", (world,))
+    policy = {"offload_policy": CPUOffloadPolicy(pin_memory=False)} if offload else {}
     for module in (model.fc1, model.fc2, model.head):
-        fully_shard(module, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(module, mesh=mesh, **policy)
+    fully_shard(model, mesh=mesh, **policy)
     return model
 
 
@@ -133,16 +137,16 @@ def full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def run_fsdp(name, rank, world):
+def run_fsdp(name, rank, world, offload=False):
     cls, kwargs = ALL[name]
-    model = shard(make_model(), world)
+    model = shard(make_model(), world, offload)
     opt = cls(model.parameters(), **kwargs)
     train(model, opt, local_half(batches(), rank, world), opt if name == "sophia" else None)
     return {"params": [full(p.detach()) for p in model.parameters()],
             "state": [{k: full(v).clone() for k, v in opt.state[p].items()} for p in model.parameters()]}
 
 
-def run_fsdp_checkpoint(name, rank, world, folder: Path):
+def run_fsdp_checkpoint(name, rank, world, folder: Path, offload=False):
     """Two steps, a torch.distributed.checkpoint save, a fresh model and optimizer loaded from it,
     two more steps on both: they must end equal."""
     import torch.distributed.checkpoint as dcp
@@ -150,16 +154,17 @@ def run_fsdp_checkpoint(name, rank, world, folder: Path):
 
     cls, kwargs = ALL[name]
     data = local_half(batches(), rank, world)
-    model = shard(make_model(), world)
+    model = shard(make_model(), world, offload)
     opt = cls(model.parameters(), **kwargs)
     train(model, opt, data[:2])
     model_sd, optim_sd = get_state_dict(model, opt)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder / name))
-    restored = shard(Net(), world)  # other initial weights: the checkpoint must overwrite them
+    checkpoint = str(folder / f"{name}{'-offload' if offload else ''}")
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=checkpoint)
+    restored = shard(Net(), world, offload)  # other initial weights: the checkpoint must overwrite them
     restored_opt = cls(restored.parameters(), **kwargs)
     model_sd, optim_sd = get_state_dict(restored, restored_opt)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(folder / name))
+    dcp.load(state, checkpoint_id=checkpoint)
     set_state_dict(restored, restored_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     train(model, opt, data[2:])
     train(restored, restored_opt, data[2:])
@@ -217,7 +222,7 @@ def run_clipping(mode, folded, rank, world):
     dldna_fused.clip_grad_norm_ (on FSDP2's DTensor grads, the norm over both ranks)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    model = DDP(make_model()) if mode == "ddp" else shard(make_model(), world)
+    model = DDP(make_model()) if mode == "ddp" else shard(make_model(), world, offload=mode == "fsdp-offload")
     data = local_half(batches(), rank, world)
     if folded:
         norms = train_clipped(model, optim.AdamW(model.parameters(), lr=1e-2, max_grad_norm=CLIP), data)
@@ -237,10 +242,12 @@ def worker(rank: int, world: int, folder: str):
             results[("ddp", name)] = run_ddp(name, rank, world)
             results[("zero", name)] = run_zero(name, rank, world)
             results[("fsdp", name)] = run_fsdp(name, rank, world)
+            results[("fsdp-offload", name)] = run_fsdp(name, rank, world, offload=True)
         for name in ("adamw", "adafactor", "adamw8bit"):
             results[("checkpoint", name)] = run_fsdp_checkpoint(name, rank, world, Path(folder))
+            results[("checkpoint-offload", name)] = run_fsdp_checkpoint(name, rank, world, Path(folder), offload=True)
         results[("unused", "adamw")] = run_unused(rank, world)
-        for mode in ("ddp", "fsdp"):
+        for mode in ("ddp", "fsdp", "fsdp-offload"):
             for folded in (False, True):
                 results[("clip", mode, folded)] = run_clipping(mode, folded, rank, world)
         torch.save(results, Path(folder) / f"rank{rank}.pt")

@@ -1,6 +1,7 @@
-"""Every fused optimizer under DDP, ZeroRedundancyOptimizer and FSDP2 (fully_shard), with two gloo
-processes on the CPU, against a single process on the same global batch; a
-torch.distributed.checkpoint round trip under FSDP2; step counts when a rank skips a parameter;
+"""Every fused optimizer under DDP, ZeroRedundancyOptimizer and FSDP2 (fully_shard, with and
+without CPUOffloadPolicy), with two gloo processes on the CPU, against a single process on the
+same global batch; a torch.distributed.checkpoint round trip under FSDP2 (offloaded too); the
+global norm of clipping; step counts when a rank skips a parameter;
 and examples/train_ddp.py under torchrun. The ranks' side is distributed_worker.py; it runs
 once for the module (~15 s)."""
 
@@ -39,7 +40,8 @@ def relative(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
-@pytest.mark.parametrize("mode,name", [(mode, name) for mode in ("ddp", "zero", "fsdp") for name in worker.OPTIMIZERS]
+@pytest.mark.parametrize("mode,name", [(mode, name) for mode in ("ddp", "zero", "fsdp", "fsdp-offload")
+                                       for name in worker.OPTIMIZERS]
                          + [(mode, name) for mode in ("ddp", "zero") for name in worker.LOWBIT])
 def test_params_match_a_single_process_on_the_global_batch(ranks, single, mode, name):
     model, _ = single[name]
@@ -48,7 +50,8 @@ def test_params_match_a_single_process_on_the_global_batch(ranks, single, mode, 
             assert relative(got, expected.detach()) < 1e-6, f"rank {rank} param {i}"
 
 
-@pytest.mark.parametrize("mode,name", [(mode, name) for mode in ("zero", "fsdp") for name in worker.OPTIMIZERS]
+@pytest.mark.parametrize("mode,name", [(mode, name) for mode in ("zero", "fsdp", "fsdp-offload")
+                                       for name in worker.OPTIMIZERS]
                          + [("zero", name) for name in worker.LOWBIT])
 def test_states_match_a_single_process(ranks, single, mode, name):
     """ZeRO: the consolidated state_dict loaded into an unsharded optimizer; FSDP2: the sharded
@@ -64,20 +67,23 @@ def test_states_match_a_single_process(ranks, single, mode, name):
                 assert relative(state[key], expected) < 1e-5, f"param {i} {key}"
 
 
+@pytest.mark.parametrize("mode", ["fsdp", "fsdp-offload"])
 @pytest.mark.parametrize("name", list(worker.LOWBIT))
-def test_lowbit_states_under_fsdp_quantize_each_shard(ranks, single, name):
+def test_lowbit_states_under_fsdp_quantize_each_shard(ranks, single, name, mode):
     """FSDP2 quantizes the blocks of each rank's shard: the params stay within the quantization
-    error of a single process (the blocks differ where a shard boundary cuts one)."""
+    error of a single process (the blocks differ where a shard boundary cuts one), and the codes
+    cover the local shard only, with CPU offload too."""
     model, _ = single[name]
     for results in ranks:
-        for i, (got, expected) in enumerate(zip(results[("fsdp", name)]["params"], model.parameters())):
+        for i, (got, expected) in enumerate(zip(results[(mode, name)]["params"], model.parameters())):
             assert relative(got, expected.detach()) < 1e-2, f"param {i}"
 
 
+@pytest.mark.parametrize("checkpoint", ["checkpoint", "checkpoint-offload"])
 @pytest.mark.parametrize("name", ["adamw", "adafactor", "adamw8bit"])
-def test_fsdp_checkpoint_round_trip_continues_identically(ranks, name):
+def test_fsdp_checkpoint_round_trip_continues_identically(ranks, name, checkpoint):
     for results in ranks:
-        for got, expected in zip(results[("checkpoint", name)]["restored"], results[("checkpoint", name)]["original"]):
+        for got, expected in zip(results[(checkpoint, name)]["restored"], results[(checkpoint, name)]["original"]):
             if name in worker.LOWBIT:
                 # Sharded low-bit states are checkpointed dequantized and quantized again on load:
                 # a block whose largest entry is negative gets a slightly smaller absmax (the
@@ -93,7 +99,7 @@ def test_a_rank_without_a_gradient_keeps_the_same_step_count(ranks):
 
 
 @pytest.mark.parametrize("folded", [False, True], ids=["clip_grad_norm_", "max_grad_norm"])
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp-offload"])
 def test_clipping_uses_the_global_norm_across_ranks(ranks, mode, folded):
     """The norm each rank clips by is the single process's norm of the global batch's grads, and
     the params end the same."""
