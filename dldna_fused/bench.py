@@ -94,8 +94,22 @@ def _torchao(name: str):
     return {"torchao": lambda ps: cls(ps, lr=1e-3)}
 
 
-# The libraries with a low-bit version of each optimizer (rows only where installed).
-PEER_LIBRARIES = {"adamw8bit": ("bitsandbytes", "torchao"), "adamw4bit": ("torchao",), "lion8bit": ("bitsandbytes",)}
+def _deepspeed_cpu_adam():
+    """DeepSpeed's CPU Adam (AdamW mode), the optimizer ZeRO-Offload steps on the host by default,
+    where DeepSpeed is installed; its C++ op builds on first use (~1 min)."""
+    import os
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # no GPU: DeepSpeed's CPU build of the op
+    try:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+    except ImportError:
+        return {}
+    return {"DeepSpeedCPUAdam": lambda ps: DeepSpeedCPUAdam(ps, lr=1e-3, weight_decay=0.01, adamw_mode=True)}
+
+
+# The libraries with a version of each benchmark's optimizer (rows only where installed).
+PEER_LIBRARIES = {"adamw8bit": ("bitsandbytes", "torchao"), "adamw4bit": ("torchao",), "lion8bit": ("bitsandbytes",),
+                  "offload": ("DeepSpeedCPUAdam",)}
 
 
 def _lowbit(title: str, bytes_per_element: float, ours, fp32, peers: dict) -> Benchmark:
@@ -184,6 +198,17 @@ def benchmarks() -> dict:
                                                             torch.optim.AdamW(ps, lr=1e-3, fused=True)),
             },
             (), baseline="torch clip+fused"),
+        # --offload: the host step of ZeRO-Offload, which hands the optimizer one flat fp32 partition
+        # per group. fp32 AdamW moves 7 elements (28 bytes); "state MB" is the host state.
+        "offload": Benchmark(
+            "AdamW step on an offloaded flat partition (host memory)", "1x100000000", 7,
+            {
+                "dldna_fused": lambda ps: optim.AdamW(ps, lr=1e-3),
+                "dldna_fused 8-bit": lambda ps: optim.AdamW8bit(ps, lr=1e-3),
+                **_deepspeed_cpu_adam(),
+                "torch fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
+            },
+            (), baseline="torch fused"),
         "clip": Benchmark(
             "clip_grad_norm_ alone (max_norm 1.0)", "1x20000000,2000x2000", 3,
             {
@@ -363,6 +388,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="time each optimizer's step with gradient clipping (e.g. adamw -> adamw-clip: "
                              "torch clip_grad_norm_ + fused step, ours, and ours folded into the step) and "
                              "clip_grad_norm_ alone")
+    parser.add_argument("--offload", action="store_true",
+                        help="the host step of CPU offload: AdamW (fp32 and 8-bit states) on one flat partition "
+                             "of 100M elements against DeepSpeedCPUAdam (where installed) and torch's fused AdamW; "
+                             "same as --optimizer offload")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="the params' and grads' dtype")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the params live")
@@ -385,6 +414,8 @@ def main(args: argparse.Namespace) -> int:
             raise SystemExit(f"--clip: no clipping benchmark for {', '.join(missing)} (have: "
                              + ", ".join(n[:-5] for n in known if n.endswith("-clip")) + ")")
         args.optimizer = [f"{name}-clip" for name in args.optimizer] + ["clip"]
+    if getattr(args, "offload", False):
+        args.optimizer = ["offload"]
     for name in args.optimizer:
         if name not in known:
             raise SystemExit(f"--optimizer: unknown '{name}' (have: {', '.join(known)})")

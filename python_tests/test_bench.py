@@ -3,6 +3,7 @@ JSON/CSV outputs."""
 
 import argparse
 import csv
+import importlib.util
 import json
 
 import pytest
@@ -63,3 +64,21 @@ def test_adafactor_memory_script_runs_on_a_small_list():
     out = subprocess.run([sys.executable, str(script), "--device", "cpu", "--dtype", "float32", "--shrink", "32",
                           "--layers", "1"], capture_output=True, text=True, check=True).stdout
     assert out.startswith("12 tensors,")
+
+
+def test_offload_flag_times_the_flat_partition_against_deepspeed(capsys):
+    # A small partition here; the default is ZeRO's 100M elements. DeepSpeed is a test dependency,
+    # so its CPU Adam row is there where it is installed (its op builds on first use).
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--offload", "--shapes", "1x40000", "--warmup", "1", "--repeats", "3", "--device", "cpu",
+                              "--no-progress"])
+    assert bench.main(args) == 0
+    out = capsys.readouterr().out
+    assert "AdamW step on an offloaded flat partition" in out and "failed" not in out
+    rows = [line for line in out.splitlines() if line.startswith("1 x 40000")]
+    expected = ["dldna_fused", "dldna_fused 8-bit", "torch fused"]
+    if importlib.util.find_spec("deepspeed") is not None:
+        expected.append("DeepSpeedCPUAdam")
+    for name in expected:
+        assert any(line[18:].startswith(name + " ") for line in rows), (name, rows)
