@@ -19,14 +19,11 @@ from dldna_fused._distributed import dtensor_type
 _FUSED_NORMS = (1.0, 2.0, float("inf"))
 
 
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
 def _fused_ops_take(tensors: list) -> bool:
     """Whether fused_grad_norm/fused_scale_ take ``tensors`` (of one device and dtype): plain dense
     tensors of a dtype the kernels have, on a device with a kernel. Others (float64 grads) take
     torch's path."""
-    return (ops.has_kernel(tensors[0].device.type) and tensors[0].dtype in _KERNEL_DTYPES
+    return (ops.has_kernel(tensors[0].device.type) and tensors[0].dtype in ops.KERNEL_DTYPES
             and all(type(t) is torch.Tensor and t.layout == torch.strided for t in tensors))
 
 
@@ -46,7 +43,7 @@ def get_total_norm(tensors: Iterable[torch.Tensor], norm_type: float = 2.0, erro
         return torch.tensor(0.0)
     common = None if torch.compiler.is_compiling() else _C.common_device_dtype(tensors)
     if common is not None and norm_type in _FUSED_NORMS and ops.has_kernel(common[0].type) \
-            and common[1] in _KERNEL_DTYPES:
+            and common[1] in ops.KERNEL_DTYPES:
         # One device, one dtype, plain tensors: one op call, without the grouping below.
         scale = None if grad_scale is None else grad_scale.to(device=common[0], dtype=torch.float32)
         total = ops.fused_grad_norm(tensors, norm_type, grad_scale=scale).to(common[1])
@@ -124,7 +121,7 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
         return total_norm
     coefficient = clip_coefficient(total_norm, max_norm)
     common = _C.common_device_dtype(grads)
-    if common is not None and ops.has_kernel(common[0].type) and common[1] in _KERNEL_DTYPES:
+    if common is not None and ops.has_kernel(common[0].type) and common[1] in ops.KERNEL_DTYPES:
         ops.fused_scale_(grads, coefficient.to(device=common[0], dtype=torch.float32))
         return total_norm
     groups: dict = {}

@@ -73,6 +73,10 @@ def grads_of(params: Sequence[torch.Tensor]) -> tuple[list, bool, bytes]:
     return _C.grads_of(params if isinstance(params, list) else list(params))
 
 
+# The dtypes every kernel takes for params and grads (states may be float32 too).
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def has_kernel(device_type: str) -> bool:
     """Whether the fused ops have a kernel for ``device_type`` ("cpu", "cuda") in this build."""
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)

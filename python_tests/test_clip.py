@@ -259,3 +259,13 @@ def test_every_optimizer_checks_max_grad_norm_at_step():
         with pytest.raises(ValueError, match="param group 0: max_grad_norm must be > 0"):
             opt.step()
         assert torch.equal(p.grad, torch.ones(3, 2))
+
+
+def test_float64_grads_take_torchs_path_and_match_it():
+    # The fused norm has no float64 kernel; it used to be handed float64 grads and raise.
+    ours, theirs = (torch.nn.Parameter(torch.randn(7, dtype=torch.float64)) for _ in range(2))
+    theirs.data.copy_(ours.data)
+    ours.grad = torch.full((7,), 3.0, dtype=torch.float64)
+    theirs.grad = ours.grad.clone()
+    assert torch.equal(dldna_fused.clip_grad_norm_([ours], 1.0), torch.nn.utils.clip_grad_norm_([theirs], 1.0))
+    torch.testing.assert_close(ours.grad, theirs.grad)

@@ -11,7 +11,7 @@ from dldna_fused import _C, ops
 from dldna_fused._distributed import to_local
 from dldna_fused.optim._flat_state import _packable, _packed_like, _packed_steps
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SUPPORTED_DTYPES = ops.KERNEL_DTYPES  # what a param may be
 
 # [Note: sharded params]
 # Under FSDP2 (fully_shard) params, grads and the states made with zeros_like are DTensors. The
