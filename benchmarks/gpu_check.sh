@@ -17,6 +17,10 @@ cd "$(dirname "$0")/.."
 py="${PYTHON:-python3}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" DLDNA_FUSED_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}"
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+# Optional peers for the tests that compare with them (torchao's CPUOffloadOptimizer with our
+# classes, test_offload.py): PEERS=DIR, made with `pip install --no-deps --target DIR
+# torchao==0.18.0` and carried with the run. Without it those tests skip.
+if [ -n "${PEERS:-}" ]; then export PYTHONPATH="$(realpath "$PEERS")${PYTHONPATH:+:$PYTHONPATH}"; fi
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; "$py" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'; } | tee "$out/summary.txt"
 
@@ -34,6 +38,10 @@ phase "build ok"
 timeout 200 "$py" -m pytest python_tests -q -p no:cacheprovider --ignore python_tests/test_distributed.py \
   > "$out/tests.log" 2>&1
 echo "tests exit $?: $(tail -1 "$out/tests.log")" | tee -a "$out/summary.txt"
+# The offload wrapper's GPU-only lines (side streams, pinned buffers) and torchao's wrapper.
+timeout 60 "$py" -m pytest python_tests/test_offload.py -q -p no:cacheprovider -rs -k "cuda or torchao" \
+  > "$out/offload_tests.log" 2>&1
+echo "offload GPU tests exit $?: $(tail -1 "$out/offload_tests.log")" | tee -a "$out/summary.txt"
 phase "tests done"
 
 timeout 60 "$py" -m dldna_fused bench --device cuda --optimizer adamw,lion,sophia,adafactor --no-progress --json "$out/bench.json" > "$out/bench.txt" 2>&1

@@ -174,7 +174,11 @@ class FusedOptimizer(CachedGroupLists, StateDictLoading, Optimizer):
         grads = [g for _, group_grads in clipping for g in group_grads if g is not None]
         if len(set(map(id, grads))) != len(grads):  # a param listed twice counts once, as in torch
             grads = list({id(g): g for g in grads}.values())
-        norm = get_total_norm(grads, 2.0, grad_scale=getattr(self, "grad_scale", None))
+        # A caller that already has the global norm of these grads (the offload wrapper, which
+        # sums its buckets' norms while backward runs) hands it over instead of a second pass.
+        norm = self.__dict__.get("_given_grad_norm")
+        if norm is None:
+            norm = get_total_norm(grads, 2.0, grad_scale=getattr(self, "grad_scale", None))
         self.last_grad_norm = norm
         return {id(group): clip_coefficient(norm, group["max_grad_norm"]).float() for group, _ in clipping}
 
