@@ -278,7 +278,9 @@ def _plain_tensors(t: torch.Tensor):
     """The tensors that hold a tensor subclass's data (torchao's quantized states, DTensor), or t."""
     if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
         for name in t.__tensor_flatten__()[0]:
-            yield from _plain_tensors(getattr(t, name))
+            inner = getattr(t, name)
+            if isinstance(inner, torch.Tensor):  # DTensor's flatten names its mesh as well
+                yield from _plain_tensors(inner)
     else:
         yield t
 
@@ -358,23 +360,25 @@ def run(bench: Benchmark, optimizer_name: str, shapes, dtype: torch.dtype, devic
 
 def format_table(rows: list[Row]) -> str:
     width = max([16] + [len(r.implementation) + 2 for r in rows])  # the implementation column
-    header = (f"{'shape':<18}{'implementation':<{width}}{'median ms':>11}{'x base':>8}{'GB/s':>8}{'copy GB/s':>11}"
+    shape_width = max([18] + [len(r.shape) + 2 for r in rows])
+    header = (f"{'shape':<{shape_width}}{'implementation':<{width}}{'median ms':>11}{'x base':>8}{'GB/s':>8}{'copy GB/s':>11}"
               f"{'state MB':>10}  baseline")
     lines = [header, "-" * len(header)]
     for r in rows:
         if r.error is not None:
-            lines.append(f"{r.shape:<18}{r.implementation:<{width}}  failed: {r.error[:80]}")
+            lines.append(f"{r.shape:<{shape_width}}{r.implementation:<{width}}  failed: {r.error[:80]}")
             continue
         x = f"{r.speedup:.2f}" if r.speedup is not None else "-"
-        lines.append(f"{r.shape:<18}{r.implementation:<{width}}{r.median_ms:>11.2f}{x:>8}{r.effective_gbps:>8.1f}"
+        lines.append(f"{r.shape:<{shape_width}}{r.implementation:<{width}}{r.median_ms:>11.2f}{x:>8}{r.effective_gbps:>8.1f}"
                      f"{r.copy_gbps:>11.1f}{r.state_bytes / 2**20:>10.3f}  {r.baseline or '-'}")
     return "\n".join(lines)
 
 
-def machine_description(device: str) -> str:
+def machine_description(device: str, threads: int | None = None) -> str:
     if device.startswith("cuda"):
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+    threads = torch.get_num_threads() if threads is None else threads
+    return (f"{platform.processor() or platform.machine()}, {threads} thread{'s' if threads != 1 else ''}, "
             f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}")
 
 
@@ -392,6 +396,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the host step of CPU offload: AdamW (fp32 and 8-bit states) on one flat partition "
                              "of 100M elements against DeepSpeedCPUAdam (where installed) and torch's fused AdamW; "
                              "same as --optimizer offload")
+    parser.add_argument("--fsdp-layers", type=int, default=100, metavar="N",
+                        help="with --offload, also the FSDP2 rows: N Linear(W, W) layers under fully_shard with "
+                             "CPUOffloadPolicy on 2 gloo ranks of one thread, AdamW on the DTensor shards "
+                             "(ours, torch fused and foreach) and ours on the same shards as plain tensors "
+                             "(default 100; 0 skips them)")
+    parser.add_argument("--fsdp-width", type=int, default=256, metavar="W", help="the FSDP2 layers' width (default 256)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="the params' and grads' dtype")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the params live")
@@ -437,6 +447,18 @@ def main(args: argparse.Namespace) -> int:
                 print(f"(no {' or '.join(missing)} rows: not installed; they are optional, see README)")
         print()
         rows += result
+        if name == "offload" and args.fsdp_layers > 0:
+            from dldna_fused import bench_fsdp
+
+            fsdp_rows = bench_fsdp.run(args.fsdp_layers, args.fsdp_width, args.warmup, args.repeats)
+            if fsdp_rows:
+                print(f"AdamW step on FSDP2 shards with CPUOffloadPolicy (host memory), float32, rank 0 of "
+                      f"{bench_fsdp.WORLD} ranks, each {machine_description('cpu', threads=1)}")
+                print(format_table(fsdp_rows))
+            else:
+                print("(no FSDP2 rows: torch.distributed with gloo is not available)")
+            print()
+            rows += fsdp_rows
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine_description(args.device), "dtype": args.dtype,

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from dldna_fused import bench
+from dldna_fused import bench, bench_fsdp
 
 
 def test_bench_runs_every_optimizer_and_picks_its_baseline(tmp_path, capsys):
@@ -66,15 +66,26 @@ def test_adafactor_memory_script_runs_on_a_small_list():
     assert out.startswith("12 tensors,")
 
 
-def test_offload_flag_times_the_flat_partition_against_deepspeed(capsys):
+def test_offload_flag_times_the_flat_partition_and_fsdp2_shards(tmp_path, capsys):
     # A small partition here; the default is ZeRO's 100M elements. DeepSpeed is a test dependency,
     # so its CPU Adam row is there where it is installed (its op builds on first use).
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     args = parser.parse_args(["--offload", "--shapes", "1x40000", "--warmup", "1", "--repeats", "3", "--device", "cpu",
-                              "--no-progress"])
+                              "--no-progress", "--fsdp-layers", "3", "--fsdp-width", "16",
+                              "--json", str(tmp_path / "rows.json")])
     assert bench.main(args) == 0
     out = capsys.readouterr().out
+    # The FSDP2 rows: 2 gloo ranks, each stepping its half of every layer (16 x 16 + 16, halved).
+    fsdp = {r["implementation"]: r for r in json.loads((tmp_path / "rows.json").read_text())["rows"]
+            if r["optimizer"] == "offload-fsdp2"}
+    assert set(fsdp) == set(bench_fsdp.IMPLEMENTATIONS)
+    assert fsdp[bench_fsdp.BASELINE]["speedup"] == 1.0
+    for row in fsdp.values():
+        assert row["shape"] == "3 x 16x16, 2 ranks" and row["median_ms"] > 0 and row["repeats"] >= 3
+        # exp_avg and exp_avg_sq of rank 0's 3 * (8 * 16 + 8) elements, plus steps and alignment padding
+        assert 2 * 408 * 4 <= row["state_bytes"] <= 1.25 * 2 * 408 * 4, row
+    assert "AdamW step on FSDP2 shards with CPUOffloadPolicy" in out
     assert "AdamW step on an offloaded flat partition" in out and "failed" not in out
     rows = [line for line in out.splitlines() if line.startswith("1 x 40000")]
     expected = ["dldna_fused", "dldna_fused 8-bit", "torch fused"]
