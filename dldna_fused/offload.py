@@ -61,7 +61,7 @@ class _StateView(MutableMapping):
     optimizer of its bucket. Reads and writes go through to that state."""
 
     def __init__(self, owner: CPUOffloadOptimizer):
-        self._owner = owner
+        self._owner = weakref.proxy(owner)  # no cycle: the optimizer goes as soon as it is dropped
 
     def _locate(self, p):
         slot = self._owner._slots.get(p)
