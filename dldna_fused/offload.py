@@ -25,12 +25,17 @@ class _Slot:
     """One device param and its host side: the fp32 master (a view of its bucket's flat buffer),
     the host grad buffer, and what this round copied."""
 
-    __slots__ = ("device_param", "host", "host_grad", "bucket", "copied", "copied_version", "synced")
+    __slots__ = ("device_param", "host", "host_grad", "staging", "pending", "bucket", "copied", "copied_version",
+                 "synced")
 
-    def __init__(self, device_param, host, host_grad, bucket):
+    def __init__(self, device_param, host, host_grad, staging, bucket):
         self.device_param = device_param
         self.host = host
         self.host_grad = host_grad
+        # bf16/fp16 params: a host buffer of their dtype that grads and params cross the bus in
+        # ([Note: offload staging]); None for fp32 params.
+        self.staging = staging
+        self.pending = False  # a grad sits in staging, not yet converted into host_grad
         self.bucket = bucket
         self.copied = None  # the device grad copied this round (kept so its identity can be checked)
         self.copied_version = -1
@@ -148,7 +153,9 @@ class CPUOffloadOptimizer(Optimizer):
             the fp32 host copies, so it is exact also for bf16 grads); it is kept in
             :attr:`last_grad_norm`.
 
-    ``param_groups``, ``state`` (each device param's host state), ``state_dict`` (the layout of
+    For one process (under DDP the hooks would copy grads before their all-reduce lands: use
+    FSDP2's CPUOffloadPolicy or DeepSpeed there). ``param_groups``, ``state`` (each device param's
+    host state), ``state_dict`` (the layout of
     ``optimizer_class`` on the same params, so checkpoints move between this wrapper and the
     plain optimizer both ways), lr schedulers, GradScaler and ``zero_grad`` work as with the
     plain optimizer. Changing a device param outside the optimizer (``model.load_state_dict``)
@@ -272,7 +279,11 @@ class CPUOffloadOptimizer(Optimizer):
             total = sum(p.numel() for p in members)
             flat = torch.empty(total, dtype=torch.float32, pin_memory=pin)
             flat_grad = torch.zeros(total, dtype=torch.float32, pin_memory=pin)
-            hosts, grads, offset = [], [], 0
+            staging_flat = {dtype: torch.empty(sum(p.numel() for p in members if p.dtype == dtype), dtype=dtype,
+                                               pin_memory=pin)
+                            for dtype in {p.dtype for p in members} if dtype != torch.float32}
+            staging_offset = dict.fromkeys(staging_flat, 0)
+            hosts, grads, stagings, offset = [], [], [], 0
             for p in members:
                 n = p.numel()
                 host = flat[offset:offset + n].view(p.shape)
@@ -280,10 +291,16 @@ class CPUOffloadOptimizer(Optimizer):
                 hosts.append(host)
                 grads.append(flat_grad[offset:offset + n].view(p.shape))
                 offset += n
+                staging = None
+                if p.dtype in staging_flat:
+                    start = staging_offset[p.dtype]
+                    staging = staging_flat[p.dtype][start:start + n].view(p.shape)
+                    staging_offset[p.dtype] = start + n
+                stagings.append(staging)
             inner = self.optimizer_class([{**options, "params": hosts}], **self._kwargs)
             bucket = _Bucket(group_index, [], inner, flat, flat_grad)
-            for p, host, grad in zip(members, hosts, grads):
-                slot = _Slot(p, host, grad, bucket)
+            for p, host, grad, staging in zip(members, hosts, grads, stagings):
+                slot = _Slot(p, host, grad, staging, bucket)
                 bucket.slots.append(slot)
                 self._slots[p] = slot
                 slots.append(slot)
@@ -309,20 +326,37 @@ class CPUOffloadOptimizer(Optimizer):
             self._streams = (torch.cuda.Stream(self._device), torch.cuda.Stream(self._device))
         return self._streams
 
+    # [Note: offload staging]
+    # A bf16/fp16 param's grad crosses the bus in its own dtype, into a pinned host buffer of that
+    # dtype, and is widened to fp32 on the host (_land_grads); its updated master is narrowed on
+    # the host into the same buffer and crosses back in the param's dtype. Half the bytes of an
+    # fp32 crossing each way, and no conversion on the GPU: torch's copy_ between devices and
+    # dtypes converts on the GPU into a temporary (device to host) or on the CPU into pageable
+    # memory, which makes a "non-blocking" copy a blocking one (host to device).
     def _copy_grad(self, slot: _Slot) -> None:
-        """Copies the device grad into its host buffer: on CUDA on the side stream, after backward's
-        kernels so far, with an event for the worker; elsewhere at once."""
+        """Copies the device grad into its host buffer (staging for bf16/fp16): on CUDA on the side
+        stream, after backward's kernels so far, with an event for the worker; elsewhere at once."""
         grad = slot.device_param.grad
+        target = slot.host_grad if slot.staging is None else slot.staging
         if self._device.type == "cuda":  # GPU-only lines, tested by benchmarks/gpu_check.sh
             d2h, _ = self._copy_streams()
             d2h.wait_stream(torch.cuda.current_stream(self._device))
             with torch.cuda.stream(d2h):
-                slot.host_grad.copy_(grad, non_blocking=True)
+                target.copy_(grad, non_blocking=True)
                 slot.bucket.event = d2h.record_event()
         else:
-            slot.host_grad.copy_(grad)
+            target.copy_(grad)
+        slot.pending = slot.staging is not None
         slot.copied = grad
         slot.copied_version = grad._version
+
+    @staticmethod
+    def _land_grads(slots) -> None:
+        """Widens the staged grads that have landed into the fp32 host grads."""
+        for slot in slots:
+            if slot.pending:
+                slot.host_grad.copy_(slot.staging)
+                slot.pending = False
 
     @torch.no_grad()
     def _grad_hook(self, p: torch.Tensor) -> None:
@@ -331,6 +365,8 @@ class CPUOffloadOptimizer(Optimizer):
         slot = self._slots[p]
         bucket = slot.bucket
         with self._lock:
+            if bucket.future is not None and not bucket.future.done():
+                bucket.future.result()  # the worker still reads this bucket's buffers (accumulation)
             if bucket.stepped:
                 raise RuntimeError(
                     f"{_NAME}(overlap_step=True): a second backward reached a bucket that already stepped in this "
@@ -340,8 +376,6 @@ class CPUOffloadOptimizer(Optimizer):
             bucket.arrived.add(p)
             if len(bucket.arrived) < bucket.expected:
                 return
-            if bucket.future is not None:  # a second backward (accumulation): recompute after the last one
-                bucket.future.result()
             clip = bucket.inner.param_groups[0].get("max_grad_norm") is not None
             if self.overlap_step:
                 self._sync_options(bucket)
@@ -355,6 +389,7 @@ class CPUOffloadOptimizer(Optimizer):
         steps it (overlap_step)."""
         if bucket.event is not None:
             bucket.event.synchronize()
+        self._land_grads(bucket.slots)
         if clip:
             bucket.norm = self._bucket_norm(bucket)
         if step:
@@ -460,6 +495,7 @@ class CPUOffloadOptimizer(Optimizer):
                 bucket.norm = None  # recomputed below from the new copies
         if self._device is not None and self._device.type == "cuda":  # GPU-only: land the copies above
             self._copy_streams()[0].synchronize()
+        self._land_grads(self._slots.values())
         self._reload_changed_params()
         amp = self._host_amp(grad_scale, found_inf)
         norm = self._global_norm(amp[0])
@@ -538,14 +574,22 @@ class CPUOffloadOptimizer(Optimizer):
                 with torch.cuda.stream(h2d):
                     for p, slot in self._slots.items():
                         if slot.copied is not None:
-                            p.copy_(slot.host, non_blocking=True)
+                            p.copy_(self._narrowed(slot), non_blocking=True)
                 current.wait_stream(h2d)
             else:
                 for p, slot in self._slots.items():
                     if slot.copied is not None:
-                        p.copy_(slot.host)
+                        p.copy_(self._narrowed(slot))
         for p, slot in self._slots.items():
             slot.synced = (p._version, p.data_ptr())
+
+    @staticmethod
+    def _narrowed(slot: _Slot) -> torch.Tensor:
+        """The master in the param's dtype, in host memory (see [Note: offload staging])."""
+        if slot.staging is None:
+            return slot.host
+        slot.staging.copy_(slot.host)
+        return slot.staging
 
     def _end_round(self) -> None:
         for bucket in self._buckets:
@@ -556,6 +600,7 @@ class CPUOffloadOptimizer(Optimizer):
             bucket.stepped = False
         for slot in self._slots.values():
             slot.copied = None
+            slot.pending = False
             slot.host.grad = None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
