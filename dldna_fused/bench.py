@@ -402,6 +402,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(ours, torch fused and foreach) and ours on the same shards as plain tensors "
                              "(default 100; 0 skips them)")
     parser.add_argument("--fsdp-width", type=int, default=256, metavar="W", help="the FSDP2 layers' width (default 256)")
+    parser.add_argument("--hessian", action="store_true",
+                        help="the loss Hessian's top-3 eigenpairs and trace on the digits MLP and CNN (full batch): "
+                             "our Lanczos against power iteration, PyHessian and curvlinops + scipy eigsh (where "
+                             "installed), with time, Hessian-vector products and errors; Hutchinson against Hutch++")
+    parser.add_argument("--hessian-models", type=lambda s: s.split(","), default=["mlp", "cnn"],
+                        help="with --hessian: which models, of mlp and cnn (default both)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="the params' and grads' dtype")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the params live")
@@ -417,6 +423,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if getattr(args, "hessian", False):
+        return _main_hessian(args)
     known = benchmarks()
     if args.clip:
         missing = [name for name in args.optimizer if f"{name}-clip" not in known]
@@ -468,4 +476,22 @@ def main(args: argparse.Namespace) -> int:
             writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
             writer.writeheader()
             writer.writerows(asdict(r) for r in rows)
+    return 0
+
+
+def _main_hessian(args: argparse.Namespace) -> int:
+    from dldna_fused import bench_hessian
+
+    unknown = [m for m in args.hessian_models if m not in ("mlp", "cnn")]
+    if unknown:
+        raise SystemExit(f"--hessian-models: unknown {', '.join(unknown)} (have: mlp, cnn)")
+    rows = bench_hessian.run(args.hessian_models)
+    print(f"Loss Hessian, float32, {machine_description('cpu')}")
+    print(bench_hessian.format_table(rows))
+    for peer in ("pyhessian", "curvlinops"):
+        if not any(peer.lower() in r.implementation.lower() for r in rows):
+            print(f"(no {peer} rows: not installed; it is optional)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine_description("cpu"), "rows": [asdict(r) for r in rows]}, f, indent=2)
     return 0

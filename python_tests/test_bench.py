@@ -93,3 +93,22 @@ def test_offload_flag_times_the_flat_partition_and_fsdp2_shards(tmp_path, capsys
         expected.append("DeepSpeedCPUAdam")
     for name in expected:
         assert any(line[18:].startswith(name + " ") for line in rows), (name, rows)
+
+
+def test_hessian_flag_compares_lanczos_with_power_iteration(tmp_path, capsys):
+    """The MLP's rows (peers where installed): our Lanczos reaches the residual it promises with
+    fewer products than power iteration, and both traces come with a standard error."""
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--hessian", "--hessian-models", "mlp", "--json", str(tmp_path / "h.json")])
+    assert bench.main(args) == 0
+    assert "Loss Hessian" in capsys.readouterr().out
+    rows = {r["implementation"].split(" (")[0]: r for r in json.loads((tmp_path / "h.json").read_text())["rows"]}
+    ours, power = rows["dldna_fused Lanczos"], rows["power iteration + deflation"]
+    assert ours["max_residual"] <= 1e-5 and ours["max_relative_error"] <= 1e-5
+    assert power["max_relative_error"] <= 1e-4
+    assert ours["products"] < power["products"]
+    for method in ("dldna_fused hutchinson", "dldna_fused hutch++"):
+        assert rows[method]["products"] == 99 and "+-" in rows[method]["value"]
+    with pytest.raises(SystemExit, match="unknown vgg"):
+        bench.main(parser.parse_args(["--hessian", "--hessian-models", "vgg"]))

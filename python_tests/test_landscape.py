@@ -56,6 +56,52 @@ def test_top_eigenpairs_match_the_exact_hessian(exact):
         assert [t.shape for t in vectors[k]] == [p.shape for p in model.parameters()]
 
 
+@pytest.mark.parametrize("which", ["LA", "SA"])
+def test_which_picks_the_largest_or_the_most_negative(exact, which):
+    model, loader, loss_func, H = exact
+    ev, evec = torch.linalg.eigh(H)
+    assert ev.min() < 0  # the fixture's Hessian has negative curvature to find
+    values, vectors, report = hessian_eigenvectors(model, loss_func, loader, top_n=3, tol=1e-8, which=which,
+                                                   return_report=True)
+    order = ev.argsort(descending=which == "LA")
+    assert all(r["converged"] and r["residual"] <= 1e-8 for r in report)
+    for k in range(3):
+        assert values[k] == pytest.approx(ev[order[k]].item(), rel=1e-6, abs=1e-10)
+        v = torch.cat([t.reshape(-1) for t in vectors[k]])
+        assert abs(v @ evec[:, order[k]]).item() > 0.999
+    with pytest.raises(ValueError, match="which must be one of LM, LA, SA"):
+        hessian_eigenvectors(model, loss_func, loader, which="BE")
+
+
+def test_lanczos_stops_on_the_measured_residual_and_counts_its_products(exact):
+    """The report's residual is ||Hv - lambda v|| / |lambda| measured after the stop, and Lanczos
+    takes fewer products than the parameters (38) to reach it for the top pair."""
+    model, loader, loss_func, H = exact
+    values, vectors, report = hessian_eigenvectors(model, loss_func, loader, top_n=1, tol=1e-6, return_report=True)
+    v = torch.cat([t.reshape(-1) for t in vectors[0]])
+    residual = ((H @ v - values[0] * v).norm() / abs(values[0])).item()
+    assert report[0]["residual"] == pytest.approx(residual, rel=1e-3, abs=1e-12) and residual <= 1e-6
+    assert report[0]["iterations"] < 38
+
+
+def test_products_in_blocks_and_with_rebuilt_graphs_equal_single_ones(exact):
+    """A block of vectors gives the rows' single products; a loader past max_retained_batches
+    rebuilds each batch's graph and gives the same products as retained graphs."""
+    from dldna_fused.landscape.hessian import HessianOperator, eval_mode
+
+    model, loader, loss_func, H = exact
+    with eval_mode(model):
+        retained = HessianOperator(model, loss_func, loader, "cpu")
+        rebuilt = HessianOperator(model, loss_func, loader, "cpu", max_retained_batches=0)
+        assert retained.retained and not rebuilt.retained and rebuilt._graphs is None
+        X = torch.randn(5, retained.size, dtype=torch.float64)
+        block = retained(X)
+        torch.testing.assert_close(block, X @ H.T, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(rebuilt(X), block, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(retained(X[2]), block[2], rtol=1e-12, atol=1e-14)
+        assert retained.products == 6 and rebuilt.products == 5
+
+
 def test_unconverged_eigenpairs_are_reported_and_warned(exact):
     model, loader, loss_func, _ = exact
     with pytest.warns(UserWarning, match="did not converge"):
@@ -78,6 +124,18 @@ def test_hutchinson_trace_is_within_three_standard_errors(exact):
     estimate, stderr = hessian_trace(model, loss_func, loader, n_samples=300, seed=1)
     assert stderr > 0
     assert abs(estimate - H.trace().item()) < 3 * stderr
+
+
+def test_hutchpp_trace_is_within_three_standard_errors_and_tighter(exact):
+    model, loader, loss_func, H = exact
+    plain = hessian_trace(model, loss_func, loader, n_samples=30, seed=1)
+    estimate, stderr = hessian_trace(model, loss_func, loader, n_samples=30, seed=1, method="hutch++", block=4)
+    assert 0 < stderr < plain[1]
+    assert abs(estimate - H.trace().item()) < 3 * stderr
+    with pytest.raises(ValueError, match="method must be one of hutchinson, hutch"):
+        hessian_trace(model, loss_func, loader, method="xtrace")
+    with pytest.raises(ValueError, match="n_samples must be >= 4"):
+        hessian_trace(model, loss_func, loader, n_samples=3, method="hutch++")
 
 
 def test_slq_density_integrates_to_one_and_its_mean_is_trace_over_n(exact):

@@ -94,7 +94,7 @@ def main(args: argparse.Namespace) -> int:
 
     values, vectors, report = hessian_eigenvectors(final, loss_func, loader, args.top_n, args.device,
                                                    seed=args.seed, return_report=True)
-    trace, trace_se = hessian_trace(final, loss_func, loader, 100, args.device, seed=args.seed)
+    trace, trace_se = hessian_trace(final, loss_func, loader, 99, args.device, seed=args.seed, method="hutch++")
     eigen = np.linspace(-args.eigen_range, args.eigen_range, args.grid).astype(np.float32)
     surfaces = [xy_perturb_loss(final, vectors[2 * k:2 * k + 2], loader, loss_func, eigen, eigen, args.device,
                                 progress) for k in range(args.top_n // 2)]
@@ -125,7 +125,7 @@ def main(args: argparse.Namespace) -> int:
     (out / "landscape.json").write_text(json.dumps(summary, indent=2))
     print(f"top-{args.top_n} Hessian eigenvalues: " + ", ".join(f"{v:.4g}" for v in values)
           + f" (converged: {[r['converged'] for r in report]})")
-    print(f"Hessian trace (Hutchinson, 100 samples): {trace:.4g} +- {trace_se:.2g}")
+    print(f"Hessian trace (Hutch++, 99 products): {trace:.4g} +- {trace_se:.2g}")
     print(f"interpolation loss: epoch 1 {losses[0]:.4f} -> epoch {args.epochs} {losses[-1]:.4f}")
     print(f"PCA explained variance: {explained[0]:.3f}, {explained[1]:.3f}")
     for line in _extras_report(summary):
