@@ -54,7 +54,8 @@ class _Bucket:
         self.flat = flat
         self.flat_grad = flat_grad
         self.expected = sum(1 for s in slots if s.device_param.requires_grad)
-        self.arrived: set = set()
+        self.arrived: set = set()  # params whose grads this backward copied
+        self.task = None  # the backward (autograd graph task) they came from
         self.event = None  # the CUDA event after this round's last grad copy of the bucket
         self.future: Future | None = None  # the worker's task for this round
         self.norm: torch.Tensor | None = None  # the 2-norm of this round's host grads, when clipping
@@ -373,6 +374,10 @@ class CPUOffloadOptimizer(Optimizer):
                     "round. Its step used the grads of the first backward. For gradient accumulation, run the "
                     "micro-batches before the last one inside `with optimizer.no_step():`")
             self._copy_grad(slot)
+            task = torch._C._current_graph_task_id()
+            if bucket.task != task:  # a new backward (accumulation): the bucket fills again
+                bucket.arrived.clear()
+                bucket.task = task
             bucket.arrived.add(p)
             if len(bucket.arrived) < bucket.expected:
                 return
@@ -594,6 +599,7 @@ class CPUOffloadOptimizer(Optimizer):
     def _end_round(self) -> None:
         for bucket in self._buckets:
             bucket.arrived.clear()
+            bucket.task = None
             bucket.event = None
             bucket.future = None
             bucket.norm = None

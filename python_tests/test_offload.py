@@ -540,3 +540,20 @@ def test_torchao_cpu_offload_takes_our_classes(name):
     for p, q in zip(model.parameters(), plain_model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)  # host kernels against CUDA kernels
     ours.load_state_dict(ours.state_dict())
+
+
+def test_each_backward_fills_its_buckets_again(monkeypatch):
+    """Under gradient accumulation a bucket's norm is taken once per backward, when all its params
+    have arrived in that backward, not once per param of the second one."""
+    model = _model()
+    ours = CPUOffloadOptimizer(model.parameters(), optim.AdamW, bucket_bytes=1 << 30, max_grad_norm=1.0)
+    submitted = []
+    real = ours._worker.submit
+    monkeypatch.setattr(ours._worker, "submit", lambda *a: (submitted.append(a[1]), real(*a))[1])
+    batches = _batches(2)
+    for batch in batches:
+        _loss(model, batch).backward()
+    assert len(submitted) == 2  # one bucket, once per backward
+    expected = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+    ours.step()
+    torch.testing.assert_close(ours.last_grad_norm, expected, rtol=1e-6, atol=0)
