@@ -212,8 +212,12 @@ class CPUOffloadOptimizer(Optimizer):
         added_buckets: list = []
         try:
             params = group["params"]
+            seen: set = set()
             for i, p in enumerate(params):
                 self._check_param(count, i, p)
+                if id(p) in seen:
+                    raise ValueError(f"{_NAME}: param group {count}, params[{i}] appears twice in the group")
+                seen.add(id(p))
             self._check_options(count, group)
             self._build_buckets(count, group, added_buckets, added_slots)
         except BaseException:
@@ -221,6 +225,8 @@ class CPUOffloadOptimizer(Optimizer):
                 self._slots.pop(slot.device_param, None)
             del self._buckets[len(self._buckets) - len(added_buckets):]
             del self.param_groups[count:]
+            if not self._slots:
+                self._device = None  # the first group failed: the next one may pick the device
             raise
         owner = weakref.ref(self)  # the hooks must not keep a discarded optimizer alive
 
@@ -467,17 +473,16 @@ class CPUOffloadOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._wait_worker()  # before the checks: an overlap_step bucket may still be stepping
         self._check_all()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         if self.overlap_step and (grad_scale is not None or found_inf is not None):
-            self._wait_worker()
             self._end_round()
             for name in ("grad_scale", "found_inf"):  # GradScaler deletes them only after a step returns
                 self.__dict__.pop(name, None)
             raise RuntimeError(f"{_NAME}(overlap_step=True) cannot be used with GradScaler: the buckets stepped "
                                "during backward, before the scaler's inf check. Use overlap_step=False")
-        self._wait_worker()
         # scaler.unscale_ (found_inf set, grad_scale None) divides the device grads in place without
         # bumping their version: every grad is copied again.
         unscaled = found_inf is not None and grad_scale is None

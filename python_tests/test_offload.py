@@ -423,6 +423,8 @@ def test_errors_name_what_was_wrong():
         CPUOffloadOptimizer([torch.nn.Parameter(torch.ones(2, device="meta"))], optim.AdamW)
     with pytest.raises(TypeError, match="optimizer_class"):
         CPUOffloadOptimizer(model.parameters(), "adamw")
+    with pytest.raises(ValueError, match=r"params\[1\] appears twice"), pytest.warns(UserWarning, match="duplicate"):
+        CPUOffloadOptimizer([model[0].weight, model[0].weight], optim.AdamW)  # torch warns, we refuse
     ours = CPUOffloadOptimizer([{"params": [model[0].weight]}, {"params": [model[2].weight]}], optim.AdamW)
     model[0].weight.grad = torch.ones_like(model[0].weight)
     model[2].weight.grad = torch.ones_like(model[2].weight)
