@@ -172,6 +172,23 @@ def test_refusals_name_the_reason():
     handle.remove()
 
 
+def test_grad_scaler_is_refused_at_its_first_step():
+    model = _model()
+    opt = optim.AdamW(model.parameters())
+    handle = step_in_backward(model, opt)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    scaler.scale(_loss(model, _batches(1)[0])).backward()
+    with pytest.raises(RuntimeError, match="GradScaler is stepping this optimizer"):
+        scaler.step(opt)
+    assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
+    handle.remove()  # the usual loop works again, GradScaler included
+    opt.zero_grad()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    scaler.scale(_loss(model, _batches(1)[0])).backward()
+    scaler.step(opt)
+    scaler.update()
+
+
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo")
 def test_ddp_is_refused(tmp_path):
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -35,6 +35,9 @@ class StepInBackward:
                 handle._arrived(p)
 
         self._hooks = [p.register_post_accumulate_grad_hook(hook) for p in params]
+        # GradScaler cannot be seen from a backward hook (the loss it scaled is gone by then); its
+        # step() after backward is refused here, on the first iteration.
+        self._hooks.append(optimizer.register_step_pre_hook(_refuse_grad_scaler))
 
     @contextlib.contextmanager
     def no_step(self):
@@ -79,8 +82,8 @@ class StepInBackward:
         """One optimizer call: it steps exactly the params that hold a grad now, which are the
         pending ones (every earlier bucket's grads were freed, later ones have not arrived), as
         one fused call per (group, device, dtype); then their grads are freed."""
-        pending, self._pending, self._pending_bytes = self._pending, [], 0
         _check_options(self.optimizer)  # a group changed since: refused before anything moves
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
         self.optimizer.step()
         self.steps += 1
         for p in pending:
@@ -94,9 +97,17 @@ def _check_options(optimizer: Optimizer) -> None:
             raise ValueError(f"step_in_backward: {name} param group {index} has max_grad_norm: the global norm of "
                              "the grads is not known until backward ends, and each bucket steps before that. "
                              "Clip without stepping in backward")
+    _refuse_grad_scaler(optimizer)
+
+
+def _refuse_grad_scaler(optimizer: Optimizer, *_) -> None:
     if getattr(optimizer, "grad_scale", None) is not None or getattr(optimizer, "found_inf", None) is not None:
-        raise RuntimeError("step_in_backward: GradScaler is stepping this optimizer; its inf check and unscaling "
-                           "come after backward, when the buckets have already stepped")
+        for name in ("grad_scale", "found_inf"):  # GradScaler removes them only after a step returns
+            optimizer.__dict__.pop(name, None)
+        raise RuntimeError("step_in_backward: GradScaler is stepping this optimizer, but its inf check and "
+                           "unscaling come after backward, when the buckets have already stepped (the last "
+                           "backward's updates used the scaled grads). Train without GradScaler (bf16), or remove "
+                           "the handle")
 
 
 def step_in_backward(model: torch.nn.Module, optimizer: Optimizer, *, bucket_bytes: int = 32 << 20) -> StepInBackward:
@@ -114,8 +125,9 @@ def step_in_backward(model: torch.nn.Module, optimizer: Optimizer, *, bucket_byt
     micro-batches before the last one inside ``with handle.no_step():``.
 
     Refused, by name, because the step would come too early: ``max_grad_norm`` (the global norm
-    is known only when backward ends), fp16 params (they need GradScaler, whose inf check and
-    unscaling come after backward; bf16 needs none), DDP (its all-reduce has not landed when the
+    is known only when backward ends), fp16 params and GradScaler (its inf check and unscaling
+    come after backward; bf16 needs none: a ``scaler.step(optimizer)`` raises on the first
+    iteration, after that backward's buckets stepped with scaled grads), DDP (its all-reduce has not landed when the
     hooks fire), FSDP2's DTensor params, and Sophia (it counts every call towards its Hessian
     cadence).
 
