@@ -160,6 +160,29 @@ def _curvlinops_rows(label, model, loss_func, data, reference, top_n, tol) -> li
                        _format(values))]
 
 
+def _our_operator_eigsh_row(label, model, loss_func, data, reference, top_n, tol) -> HessianRow:
+    """Our operator under scipy's ARPACK (implicitly restarted Lanczos), the other way the
+    issue named: the comparison for writing Lanczos ourselves."""
+    from scipy.sparse.linalg import LinearOperator, eigsh
+
+    from dldna_fused.landscape.hessian import HessianOperator, eval_mode
+
+    start = time.perf_counter()
+    with eval_mode(model):
+        H = HessianOperator(model, loss_func, data, torch.device("cpu"))
+        operator = LinearOperator((H.size, H.size), dtype=np.float64,
+                                  matvec=lambda v: H(torch.as_tensor(v.ravel(), dtype=H.dtype)).double().numpy())
+        values, vectors = eigsh(operator, k=top_n, which="LM", tol=tol,
+                                v0=np.random.default_rng(0).standard_normal(H.size))
+    seconds = time.perf_counter() - start
+    order = np.argsort(-np.abs(values))
+    values = [float(values[i]) for i in order]
+    vectors = [H.unflatten(torch.as_tensor(vectors[:, i], dtype=H.dtype)) for i in order]
+    return HessianRow(label, f"top-{top_n} eigenpairs", f"dldna_fused operator + scipy eigsh (tol {tol:g})", seconds,
+                      H.products, _relative_error(values, reference), _residuals(model, loss_func, data, values, vectors),
+                      _format(values))
+
+
 def _relative_error(values, reference) -> float:
     return max(abs(v - r) / abs(r) for v, r in zip(values, reference))
 
@@ -190,6 +213,7 @@ def run(names: list[str], top_n: int = 3, tol: float = 1e-5, trace_products: int
         rows.append(HessianRow(label, f"top-{top_n} eigenpairs", f"power iteration + deflation (tol {tol:g}, before)",
                                seconds, products, _relative_error(values, reference),
                                _residuals(model, loss_func, data, values, vectors), _format(values)))
+        rows.append(_our_operator_eigsh_row(label, model, loss_func, data, reference, top_n, tol))
         rows += _pyhessian_rows(label, model, loss_func, data, reference, top_n, tol)
         rows += _curvlinops_rows(label, model, loss_func, data, reference, top_n, tol)
         for method in ("hutchinson", "hutch++"):
