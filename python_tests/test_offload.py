@@ -559,3 +559,25 @@ def test_each_backward_fills_its_buckets_again(monkeypatch):
     expected = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
     ours.step()
     torch.testing.assert_close(ours.last_grad_norm, expected, rtol=1e-6, atol=0)
+
+
+def test_compiled_models_take_the_wrapper_and_the_step_in_backward():
+    """Under torch.compile (AOT autograd builds the backward) the post-accumulate-grad hooks still
+    fire: the wrapper and step_in_backward match the plain loop exactly."""
+    model, hooked_model, plain_model = _model(), _model(), _model()
+    ours = CPUOffloadOptimizer(model.parameters(), optim.AdamW, bucket_bytes=1 << 10)
+    hooked = optim.AdamW(hooked_model.parameters())
+    handle = optim.step_in_backward(hooked_model, hooked, bucket_bytes=1 << 10)
+    plain = optim.AdamW(plain_model.parameters())
+    compiled = [torch.compile(m, backend="aot_eager") for m in (model, hooked_model, plain_model)]
+    for batch in _batches(3):
+        ours.zero_grad()
+        _loss(compiled[0], batch).backward()
+        ours.step()
+        _loss(compiled[1], batch).backward()
+        plain.zero_grad()
+        _loss(compiled[2], batch).backward()
+        plain.step()
+    handle.remove()
+    _assert_same_params(model, plain_model)
+    _assert_same_params(hooked_model, plain_model)
