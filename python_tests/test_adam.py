@@ -335,3 +335,22 @@ def test_bias_corrections_match_double_precision_over_long_runs():
     ref.step()
     assert relative_error(p, q) <= fp32_tolerance(p.numel(), 2)
     assert not math.isnan(p.sum().item())
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "Lion", "Sophia"])
+def test_references_keep_fp32_states_of_bf16_params_through_a_load(name):
+    """torch.optim's load casts states to the param's dtype; the references with state_dtype take
+    them back unrounded, as the fused classes do."""
+    from dldna_fused import reference
+
+    cls = getattr(reference, name)
+    p = torch.nn.Parameter(torch.randn(64).bfloat16())
+    p.grad = torch.randn(64).bfloat16()
+    opt = cls([p], state_dtype=torch.float32)
+    opt.step()
+    fresh = cls([p], state_dtype=torch.float32)
+    fresh.load_state_dict(opt.state_dict())
+    for key, value in opt.state[p].items():
+        if key != "step":
+            assert fresh.state[p][key].dtype == torch.float32, key
+            torch.testing.assert_close(fresh.state[p][key], value, atol=0, rtol=0)

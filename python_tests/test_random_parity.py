@@ -64,13 +64,7 @@ def _reload(opt, cls, params, kwargs):
     buffer.seek(0)
     fresh = cls(_groups_of(params, opt), **kwargs)
     saved = torch.load(buffer, weights_only=True)
-    fresh.load_state_dict(saved)
-    if kwargs.get("state_dtype") is not None and not hasattr(fresh, "_state_keys"):
-        # torch.optim's load casts a reference's fp32 states to bf16 params' dtype (ours keeps
-        # them): give them back as saved, so the reference still computes what it did.
-        flat = [p for g in fresh.param_groups for p in g["params"]]
-        for index, state in saved["state"].items():
-            fresh.state[flat[index]].update({k: v.clone() for k, v in state.items() if k != "step"})
+    fresh.load_state_dict(saved)  # the references keep fp32 states of bf16 params too
     if hasattr(opt, "steps_since_hessian"):
         # The reference Sophia keeps its cadence outside the state_dict; ours saves it.
         fresh.steps_since_hessian = opt.steps_since_hessian

@@ -10,12 +10,12 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.optim import Optimizer
 
 from dldna_fused._closure import closure_loss
+from dldna_fused.reference._state_dtype import StateDtypeLoading
 
 
-class Adam(Optimizer):
+class Adam(StateDtypeLoading):
     r"""Adam (``decoupled_weight_decay=False``, L2 added to the gradient) or AdamW.
 
     .. math::

@@ -7,12 +7,12 @@ as dldna_fused.optim.Lion.
 from __future__ import annotations
 
 import torch
-from torch.optim import Optimizer
 
 from dldna_fused._closure import closure_loss
+from dldna_fused.reference._state_dtype import StateDtypeLoading
 
 
-class Lion(Optimizer):
+class Lion(StateDtypeLoading):
     r"""Lion: :math:`\theta \leftarrow \theta(1-\gamma\lambda) - \gamma\,\mathrm{sign}(\beta_1 m +
     (1-\beta_1) g)`, then :math:`m \leftarrow \beta_2 m + (1-\beta_2) g`. The math runs in the
     state's dtype (the param's, or ``state_dtype``)."""

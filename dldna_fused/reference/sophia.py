@@ -8,12 +8,12 @@ layout as dldna_fused.optim.Sophia.
 from __future__ import annotations
 
 import torch
-from torch.optim import Optimizer
 
 from dldna_fused._closure import closure_loss
+from dldna_fused.reference._state_dtype import StateDtypeLoading
 
 
-class Sophia(Optimizer):
+class Sophia(StateDtypeLoading):
     r"""SophiaG: :math:`\theta \leftarrow \theta(1-\gamma\lambda)`,
     :math:`m \leftarrow \beta_1 m + (1-\beta_1) g`,
     :math:`\theta \leftarrow \theta - \gamma\,\mathrm{sign}(m)\min(|m| / (\rho b h + 10^{-15}), 1)`;
