@@ -71,6 +71,10 @@ def test_which_picks_the_largest_or_the_most_negative(exact, which):
         assert abs(v @ evec[:, order[k]]).item() > 0.999
     with pytest.raises(ValueError, match="which must be one of LM, LA, SA"):
         hessian_eigenvectors(model, loss_func, loader, which="BE")
+    with pytest.raises(ValueError, match="max_iter must be >= 1"):
+        hessian_eigenvectors(model, loss_func, loader, max_iter=0)
+    with pytest.raises(ValueError, match="tol must be > 0"):
+        hessian_eigenvectors(model, loss_func, loader, tol=float("nan"))
 
 
 def test_lanczos_stops_on_the_measured_residual_and_counts_its_products(exact):

@@ -181,6 +181,10 @@ def hessian_eigenvectors(model: nn.Module, loss_func, data_loader, top_n: int = 
         raise ValueError(f"which must be one of {', '.join(WHICH)} ({', '.join(WHICH.values())}), got {which!r}")
     if top_n < 1:
         raise ValueError(f"top_n must be >= 1, got {top_n}")
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be >= 1 (Lanczos steps), got {max_iter}")
+    if not tol > 0:
+        raise ValueError(f"tol must be > 0, got {tol}")
     device = resolve_device(model, device, is_cuda)
     model = model.to(device)
     generator = torch.Generator().manual_seed(seed)
