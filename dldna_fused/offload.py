@@ -428,6 +428,13 @@ class CPUOffloadOptimizer(Optimizer):
         """Every check of a step, before anything changes."""
         for index, group in enumerate(self.param_groups):
             self._check_options(index, group)
+            # The host masters were built for these params: a param swapped into a group's list
+            # has none, and would silently not be stepped.
+            for i, p in enumerate(group["params"]):
+                slot = self._slots.get(p)
+                if slot is None or slot.bucket.group_index != index:
+                    raise ValueError(f"{_NAME}: param group {index}, params[{i}] is not a param this optimizer "
+                                     "built host masters for (was the group's list changed?); use add_param_group")
         for bucket in self._buckets:
             self._sync_options(bucket)
             inner = bucket.inner

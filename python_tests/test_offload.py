@@ -596,3 +596,33 @@ def test_the_memory_savers_example_runs_and_agrees():
     for line in out:  # each line's two losses, the memory saver's and the plain loop's, agree
         losses = re.findall(r"loss (\d+\.\d+)", line)
         assert len(losses) == 2 and losses[0] == losses[1], line
+
+
+def test_state_and_param_group_mutations_between_steps():
+    """state.clear() and del restart a param's state as in torch.optim, a replaced state tensor is
+    the one stepped, and a param swapped into a group's list is refused by name, changing nothing."""
+    model, plain_model = _model(), _model()
+    ours = CPUOffloadOptimizer(model.parameters(), optim.AdamW, bucket_bytes=1 << 10)
+    plain = optim.AdamW(plain_model.parameters())
+    batches = _batches(4)
+    _train(((model, ours), (plain_model, plain)), batches[:1])
+    ours.state.clear()
+    plain.state.clear()
+    assert len(ours.state) == 0
+    _train(((model, ours), (plain_model, plain)), batches[1:2])
+    first, plain_first = next(model.parameters()), next(plain_model.parameters())
+    del ours.state[first]
+    del plain.state[plain_first]
+    _train(((model, ours), (plain_model, plain)), batches[2:3])
+    ours.state[first]["exp_avg"] = torch.ones_like(ours.state[first]["exp_avg"])
+    plain.state[plain_first]["exp_avg"] = torch.ones_like(plain.state[plain_first]["exp_avg"])
+    _train(((model, ours), (plain_model, plain)), batches[3:])
+    _assert_same_params(model, plain_model)
+
+    stranger = torch.nn.Parameter(torch.zeros_like(first))
+    ours.param_groups[0]["params"][0] = stranger
+    stranger.grad = torch.ones_like(stranger)
+    before = [ours._slots[p].host.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"param group 0, params\[0\] is not a param this optimizer"):
+        ours.step()
+    assert all(torch.equal(ours._slots[p].host, b) for p, b in zip(model.parameters(), before))
