@@ -4,9 +4,10 @@
 // [Note: CPU capability builds]
 // at::vec::Vectorized<float> is 8 AVX2 lanes only when its headers are compiled for AVX2; a plain
 // build gets the portable version. PyTorch compiles its own CPU kernels once per capability and
-// picks one at run time; we do the same at a smaller scale. cpu/kernels_impl.h holds every
-// optimizer's chunk kernels; cpu/kernels_default.cpp and cpu/kernels_avx2.cpp compile it once each
-// (the latter under `#pragma GCC target`, so the build needs no per-file flags), and
+// picks one at run time; we do the same at a smaller scale. cpu/kernels_impl.h gathers every
+// optimizer's chunk kernels (cpu/kernels_<optimizer>.h); cpu/kernels_default.cpp and
+// cpu/kernels_avx2.cpp compile it once each (the latter under `#pragma GCC target`, so the build
+// needs no per-file flags), and
 // cpu_kernels() returns the AVX2 table when torch itself runs AVX2 or better on this CPU
 // (ATEN_CPU_CAPABILITY=default therefore forces the portable kernels in both libraries).
 // The low-bit kernels are table-bound, not memory-bound, and gain from AVX-512's in-register

@@ -1,7 +1,7 @@
 #pragma once
 // The low-bit kernels with AVX-512 (F, BW, DQ, VBMI): dequantize, update and requantize a block in
 // 16-lane registers, by the method of [Note: vectorized nearest code] in cpu/kernel_table.h.
-// cpu/kernels_impl.h includes this file inside its kernel namespace, in the build of
+// cpu/kernels_lowbit.h includes this file inside its kernel namespace, in the build of
 // cpu/kernels_avx512.cpp only (which enables the instructions and includes cpu/vec512.h). The
 // scalar helpers (nearest_code, pack_codes) and the update rules are the ones every build uses, and
 // the elements the AVX2 kernels update one at a time (a block's last n % 16) are updated one at a
