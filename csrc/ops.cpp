@@ -9,7 +9,9 @@
 // found_inf is nonzero nothing changes at all, not even the step counters or the grads.
 // `clip_coef` (float32, one element) multiplies the gradient the update sees, after unscaling, and
 // is never written into the grads: a folded clip_grad_norm_ ([Note: folded clipping] in
-// dldna_fused/optim/_fused.py).
+// dldna_fused/optim/_fused.py). Every step op takes `kahan_comps` (a compensation per param, updated
+// in place) or `sr_keys` (a 64-bit key per param) for bf16 params: how the new params are written
+// ([Note: bf16 param writes] in common/rounding_math.h); neither rounds to nearest.
 
 #include <torch/library.h>
 
@@ -21,7 +23,8 @@ TORCH_LIBRARY(dldna_fused, m) {
       "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] state_steps, *, "
       "float lr, float beta1, float beta2, float weight_decay, float eps, bool amsgrad, "
       "bool maximize, bool decoupled_weight_decay, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None, Tensor? clip_coef=None) -> ()");
+      "Tensor? found_inf=None, Tensor? clip_coef=None, "
+      "Tensor(g!)[]? kahan_comps=None, int[]? sr_keys=None) -> ()");
   // The same with lr as a one-element tensor (read on the device under CUDA, so a scheduler can
   // change it between replays of a captured CUDA graph).
   m.def(
@@ -29,14 +32,16 @@ TORCH_LIBRARY(dldna_fused, m) {
       "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] state_steps, *, "
       "Tensor lr, float beta1, float beta2, float weight_decay, float eps, bool amsgrad, "
       "bool maximize, bool decoupled_weight_decay, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None, Tensor? clip_coef=None) -> ()");
+      "Tensor? found_inf=None, Tensor? clip_coef=None, "
+      "Tensor(g!)[]? kahan_comps=None, int[]? sr_keys=None) -> ()");
 
   // Lion: p <- p(1 - lr wd) - lr sign(b1 m + (1-b1) g); m <- b2 m + (1-b2) g. state_steps are
   // incremented (Lion's rule does not read them; they keep torch.optim's state layout).
   m.def(
       "fused_lion_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
       "Tensor(d!)[] state_steps, *, float lr, float beta1, float beta2, float weight_decay, "
-      "bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? clip_coef=None) -> ()");
+      "bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? clip_coef=None, "
+      "Tensor(e!)[]? kahan_comps=None, int[]? sr_keys=None) -> ()");
   // SophiaG's step: p <- p(1 - lr wd); m <- b1 m + (1-b1) g;
   // p <- p - lr sign(m) min(|m| / (rho bs h + 1e-15), 1). `unclipped` (int64, one element), when
   // given, is increased by the number of coordinates whose ratio was below 1.
@@ -44,7 +49,8 @@ TORCH_LIBRARY(dldna_fused, m) {
       "fused_sophia_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
       "Tensor[] hessians, Tensor(d!)[] state_steps, *, float lr, float beta1, float rho, "
       "float bs, float weight_decay, bool maximize, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None, Tensor(e!)? unclipped=None, Tensor? clip_coef=None) -> ()");
+      "Tensor? found_inf=None, Tensor(e!)? unclipped=None, Tensor? clip_coef=None, "
+      "Tensor(f!)[]? kahan_comps=None, int[]? sr_keys=None) -> ()");
   // SophiaG's Hessian EMA: h <- b2 h + (1-b2) e, with e = (x / grad_scale)^2 when `square` (the
   // GNB estimator, x the gradients) and e = x / grad_scale otherwise (x = z * Hz, Hutchinson).
   m.def(
@@ -62,7 +68,8 @@ TORCH_LIBRARY(dldna_fused, m) {
       "Tensor(g!)[] rms, Tensor(h!)[] state_steps, *, float? lr, float eps1, float eps2, "
       "float clip_threshold, float decay_rate, float? beta1, float weight_decay, "
       "bool scale_parameter, bool relative_step, bool warmup_init, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None, Tensor? clip_coef=None) -> ()");
+      "Tensor? found_inf=None, Tensor? clip_coef=None, "
+      "Tensor(i!)[]? kahan_comps=None, int[]? sr_keys=None) -> ()");
 
   // The norm of all `tensors` together, as one 0-dim float32 tensor on their device: norm_type 1,
   // 2 or inf, accumulated in fp32 lanes and double partials whatever the tensors' dtype, added up
@@ -82,19 +89,22 @@ TORCH_LIBRARY(dldna_fused, m) {
       "Tensor(d!)[] exp_avg_absmaxes, Tensor(e!)[] exp_avg_sqs, Tensor(f!)[] exp_avg_sq_absmaxes, "
       "Tensor(g!)[] state_steps, *, float lr, float beta1, float beta2, float weight_decay, "
       "float eps, bool maximize, bool decoupled_weight_decay, int bits, int block_size, "
-      "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? clip_coef=None) -> ()");
+      "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? clip_coef=None, "
+      "Tensor(h!)[]? kahan_comps=None, int[]? sr_keys=None) -> ()");
   m.def(
       "fused_adam_lowbit_.tensor_lr(Tensor(a!)[] params, Tensor(b!)[] grads, "
       "Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_absmaxes, Tensor(e!)[] exp_avg_sqs, "
       "Tensor(f!)[] exp_avg_sq_absmaxes, Tensor(g!)[] state_steps, *, Tensor lr, float beta1, "
       "float beta2, float weight_decay, float eps, bool maximize, bool decoupled_weight_decay, "
       "int bits, int block_size, Tensor? grad_scale=None, Tensor? found_inf=None, "
-      "Tensor? clip_coef=None) -> ()");
+      "Tensor? clip_coef=None, "
+      "Tensor(h!)[]? kahan_comps=None, int[]? sr_keys=None) -> ()");
   m.def(
       "fused_lion_lowbit_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
       "Tensor(d!)[] exp_avg_absmaxes, Tensor(e!)[] state_steps, *, float lr, float beta1, "
       "float beta2, float weight_decay, bool maximize, int bits, int block_size, "
-      "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? clip_coef=None) -> ()");
+      "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? clip_coef=None, "
+      "Tensor(f!)[]? kahan_comps=None, int[]? sr_keys=None) -> ()");
   // The flattened input as codes and per-block absmax with the signed or unsigned map of `bits`,
   // and back to float32 (numel elements; the codes alone cannot tell an odd count at 4 bits).
   m.def(

@@ -105,6 +105,8 @@ def fused_adam_(
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
     clip_coef: torch.Tensor | None = None,
+    kahan_comps: Sequence[torch.Tensor] | None = None,
+    sr_keys: Sequence[int] | None = None,
 ) -> None:
     """One Adam (``decoupled_weight_decay=False``) or AdamW step over lists of tensors, in place.
 
@@ -116,6 +118,12 @@ def fused_adam_(
     and a nonzero ``found_inf`` leaves everything untouched. ``clip_coef`` (float32, one element)
     multiplies the gradient the update sees and is never written into ``grads`` (a folded
     ``clip_grad_norm_``).
+
+    For bfloat16 params, ``kahan_comps`` (one compensation per param, of its dtype and shape,
+    updated in place) or ``sr_keys`` (one int64 key per param) change how the new params are
+    written: Kahan-compensated or stochastically rounded ([Note: bf16 param writes] in
+    csrc/common/rounding_math.h; dldna_fused.optim passes them for ``kahan_sum=True`` and
+    ``bf16_stochastic_round=True``). Every step op below takes the two as well.
     """
     overload = _adam_tensor_lr if isinstance(lr, torch.Tensor) else _adam
     overload(
@@ -123,6 +131,7 @@ def fused_adam_(
         lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=amsgrad,
         maximize=maximize, decoupled_weight_decay=decoupled_weight_decay,
         grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef,
+        kahan_comps=kahan_comps, sr_keys=sr_keys,
     )
 
 
@@ -140,13 +149,15 @@ def fused_lion_(
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
     clip_coef: torch.Tensor | None = None,
+    kahan_comps: Sequence[torch.Tensor] | None = None,
+    sr_keys: Sequence[int] | None = None,
 ) -> None:
     """One Lion step over lists of tensors, in place: ``p *= 1 - lr*wd``,
     ``p -= lr * sign(beta1*m + (1-beta1)*g)``, ``m = beta2*m + (1-beta2)*g``. Lists, dtypes,
     ``state_steps`` (incremented), GradScaler tensors and ``clip_coef`` as in :func:`fused_adam_`."""
     _lion(params, grads, exp_avgs, state_steps, lr=lr, beta1=beta1, beta2=beta2,
           weight_decay=weight_decay, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf,
-          clip_coef=clip_coef)
+          clip_coef=clip_coef, kahan_comps=kahan_comps, sr_keys=sr_keys)
 
 
 def fused_sophia_(
@@ -166,6 +177,8 @@ def fused_sophia_(
     found_inf: torch.Tensor | None = None,
     unclipped: torch.Tensor | None = None,
     clip_coef: torch.Tensor | None = None,
+    kahan_comps: Sequence[torch.Tensor] | None = None,
+    sr_keys: Sequence[int] | None = None,
 ) -> None:
     """One SophiaG step over lists of tensors, in place: ``p *= 1 - lr*wd``,
     ``m = beta1*m + (1-beta1)*g``, ``p -= lr * sign(m) * min(|m| / (rho*bs*h + 1e-15), 1)``.
@@ -173,7 +186,7 @@ def fused_sophia_(
     number of coordinates whose ratio was below 1. Otherwise as :func:`fused_adam_`."""
     _sophia(params, grads, exp_avgs, hessians, state_steps, lr=lr, beta1=beta1, rho=rho, bs=bs,
             weight_decay=weight_decay, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf,
-            unclipped=unclipped, clip_coef=clip_coef)
+            unclipped=unclipped, clip_coef=clip_coef, kahan_comps=kahan_comps, sr_keys=sr_keys)
 
 
 def fused_sophia_hessian_(
@@ -216,6 +229,8 @@ def fused_adafactor_(
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
     clip_coef: torch.Tensor | None = None,
+    kahan_comps: Sequence[torch.Tensor] | None = None,
+    sr_keys: Sequence[int] | None = None,
 ) -> None:
     """One AdaFactor step (transformers/fairseq semantics) over lists of tensors, in place.
 
@@ -230,7 +245,7 @@ def fused_adafactor_(
                lr=lr, eps1=eps1, eps2=eps2, clip_threshold=clip_threshold, decay_rate=decay_rate,
                beta1=beta1, weight_decay=weight_decay, scale_parameter=scale_parameter,
                relative_step=relative_step, warmup_init=warmup_init, grad_scale=grad_scale,
-               found_inf=found_inf, clip_coef=clip_coef)
+               found_inf=found_inf, clip_coef=clip_coef, kahan_comps=kahan_comps, sr_keys=sr_keys)
 
 
 def fused_grad_norm(tensors: Sequence[torch.Tensor], norm_type: float = 2.0,
@@ -270,6 +285,8 @@ def fused_adam_lowbit_(
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
     clip_coef: torch.Tensor | None = None,
+    kahan_comps: Sequence[torch.Tensor] | None = None,
+    sr_keys: Sequence[int] | None = None,
 ) -> None:
     """:func:`fused_adam_` (without amsgrad) with blockwise-quantized states: ``exp_avgs`` /
     ``exp_avg_sqs`` are contiguous uint8 codes (one per element at 8 bits, two per byte at 4) and
@@ -279,7 +296,7 @@ def fused_adam_lowbit_(
     overload(params, grads, exp_avgs, exp_avg_absmaxes, exp_avg_sqs, exp_avg_sq_absmaxes, state_steps,
              lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, maximize=maximize,
              decoupled_weight_decay=decoupled_weight_decay, bits=bits, block_size=block_size,
-             grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef)
+             grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef, kahan_comps=kahan_comps, sr_keys=sr_keys)
 
 
 def fused_lion_lowbit_(
@@ -299,11 +316,13 @@ def fused_lion_lowbit_(
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
     clip_coef: torch.Tensor | None = None,
+    kahan_comps: Sequence[torch.Tensor] | None = None,
+    sr_keys: Sequence[int] | None = None,
 ) -> None:
     """:func:`fused_lion_` with a blockwise-quantized ``exp_avg`` (as in :func:`fused_adam_lowbit_`)."""
     _lion_lowbit(params, grads, exp_avgs, exp_avg_absmaxes, state_steps, lr=lr, beta1=beta1, beta2=beta2,
                  weight_decay=weight_decay, maximize=maximize, bits=bits, block_size=block_size,
-                 grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef)
+                 grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef, kahan_comps=kahan_comps, sr_keys=sr_keys)
 
 
 def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, *, bits: int, signed: bool,
@@ -363,23 +382,23 @@ def _check_lists_fake(params, grads, *states):
 
 
 @_register_fake("dldna_fused::fused_adam_")
-def _fused_adam_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **_):
-    _check_lists_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
+def _fused_adam_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, kahan_comps=None, **_):
+    _check_lists_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, kahan_comps or [])
 
 
 @_register_fake("dldna_fused::fused_adam_.tensor_lr")
-def _fused_adam_tensor_lr_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **_):
-    _check_lists_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
+def _fused_adam_tensor_lr_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, kahan_comps=None, **_):
+    _check_lists_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, kahan_comps or [])
 
 
 @_register_fake("dldna_fused::fused_lion_")
-def _fused_lion_fake(params, grads, exp_avgs, state_steps, **_):
-    _check_lists_fake(params, grads, exp_avgs, state_steps)
+def _fused_lion_fake(params, grads, exp_avgs, state_steps, kahan_comps=None, **_):
+    _check_lists_fake(params, grads, exp_avgs, state_steps, kahan_comps or [])
 
 
 @_register_fake("dldna_fused::fused_sophia_")
-def _fused_sophia_fake(params, grads, exp_avgs, hessians, state_steps, **_):
-    _check_lists_fake(params, grads, exp_avgs, hessians, state_steps)
+def _fused_sophia_fake(params, grads, exp_avgs, hessians, state_steps, kahan_comps=None, **_):
+    _check_lists_fake(params, grads, exp_avgs, hessians, state_steps, kahan_comps or [])
 
 
 @_register_fake("dldna_fused::fused_sophia_hessian_")
@@ -389,8 +408,8 @@ def _fused_sophia_hessian_fake(hessians, estimates, **_):
 
 @_register_fake("dldna_fused::fused_adafactor_")
 def _fused_adafactor_fake(params, grads, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_sqs, exp_avgs, rms,
-                          state_steps, **_):
-    _check_lists_fake(params, grads, exp_avgs, exp_avg_sqs, rms, state_steps)
+                          state_steps, kahan_comps=None, **_):
+    _check_lists_fake(params, grads, exp_avgs, exp_avg_sqs, rms, state_steps, kahan_comps or [])
     torch._check(len(exp_avg_sq_rows) == len(exp_avg_sq_cols),
                  lambda: "exp_avg_sq_rows and exp_avg_sq_cols must have the same length")
 
@@ -408,19 +427,19 @@ def _fused_scale_fake(tensors, factor):
 
 @_register_fake("dldna_fused::fused_adam_lowbit_")
 def _fused_adam_lowbit_fake(params, grads, exp_avgs, exp_avg_absmaxes, exp_avg_sqs, exp_avg_sq_absmaxes,
-                            state_steps, **_):
-    _check_lists_fake(params, grads, exp_avgs, exp_avg_absmaxes, exp_avg_sqs, exp_avg_sq_absmaxes, state_steps)
+                            state_steps, kahan_comps=None, **_):
+    _check_lists_fake(params, grads, exp_avgs, exp_avg_absmaxes, exp_avg_sqs, exp_avg_sq_absmaxes, state_steps, kahan_comps or [])
 
 
 @_register_fake("dldna_fused::fused_adam_lowbit_.tensor_lr")
 def _fused_adam_lowbit_tensor_lr_fake(params, grads, exp_avgs, exp_avg_absmaxes, exp_avg_sqs,
-                                      exp_avg_sq_absmaxes, state_steps, **_):
-    _check_lists_fake(params, grads, exp_avgs, exp_avg_absmaxes, exp_avg_sqs, exp_avg_sq_absmaxes, state_steps)
+                                      exp_avg_sq_absmaxes, state_steps, kahan_comps=None, **_):
+    _check_lists_fake(params, grads, exp_avgs, exp_avg_absmaxes, exp_avg_sqs, exp_avg_sq_absmaxes, state_steps, kahan_comps or [])
 
 
 @_register_fake("dldna_fused::fused_lion_lowbit_")
-def _fused_lion_lowbit_fake(params, grads, exp_avgs, exp_avg_absmaxes, state_steps, **_):
-    _check_lists_fake(params, grads, exp_avgs, exp_avg_absmaxes, state_steps)
+def _fused_lion_lowbit_fake(params, grads, exp_avgs, exp_avg_absmaxes, state_steps, kahan_comps=None, **_):
+    _check_lists_fake(params, grads, exp_avgs, exp_avg_absmaxes, state_steps, kahan_comps or [])
 
 
 @_register_fake("dldna_fused::quantize_blockwise")

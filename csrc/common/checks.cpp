@@ -30,6 +30,41 @@ bool shares_dense_layout(const at::Tensor& t, const at::Tensor& ref) {
 
 }  // namespace
 
+RoundMode check_param_writes(const char* op, at::TensorList params,
+                             const std::optional<at::TensorList>& kahan_comps,
+                             at::OptionalIntArrayRef sr_keys) {
+  if (!kahan_comps.has_value() && !sr_keys.has_value()) {
+    return RoundMode::Nearest;
+  }
+  TORCH_CHECK(!(kahan_comps.has_value() && sr_keys.has_value()), op,
+              ": kahan_comps and sr_keys were both given; a step uses Kahan summation or stochastic "
+              "rounding, not both");
+  const size_t n = params.size();
+  const char* what = kahan_comps.has_value() ? "kahan_comps" : "sr_keys";
+  const size_t given = kahan_comps.has_value() ? kahan_comps->size() : sr_keys->size();
+  TORCH_CHECK(given == n, op, ": expected ", what, " to have one entry per param (", n, "), got ", given);
+  if (n == 0) {
+    return kahan_comps.has_value() ? RoundMode::Kahan : RoundMode::Stochastic;
+  }
+  TORCH_CHECK(params[0].scalar_type() == at::kBFloat16, op, ": ", what,
+              " were given for ", params[0].scalar_type(),
+              " params; Kahan summation and stochastic rounding apply to bfloat16 params only");
+  if (sr_keys.has_value()) {
+    return RoundMode::Stochastic;
+  }
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& c = (*kahan_comps)[i];
+    const at::Tensor& p = params[i];
+    TORCH_CHECK(c.layout() == at::kStrided && c.sizes() == p.sizes(), op, ": kahan_comps[", i,
+                "] has shape ", c.sizes(), " but params[", i, "] has shape ", p.sizes());
+    TORCH_CHECK(c.scalar_type() == p.scalar_type(), op, ": kahan_comps[", i, "] has dtype ",
+                c.scalar_type(), " but params[", i, "] has ", p.scalar_type());
+    TORCH_CHECK(c.device() == p.device(), op, ": kahan_comps[", i, "] is on ", c.device(),
+                " but params[", i, "] is on ", p.device());
+  }
+  return RoundMode::Kahan;
+}
+
 CallDtypes check_param_lists(const char* op, at::TensorList params, at::TensorList grads,
                              const std::vector<NamedList>& states, const char* params_name,
                              const char* grads_name) {

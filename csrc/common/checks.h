@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "common/rounding_math.h"
 #include "cpu/kernel_table.h"
 
 namespace dldna_fused {
@@ -47,6 +48,13 @@ void check_amp_tensors(const char* op, const std::optional<at::Tensor>& grad_sca
 // A folded clip factor: a float32 tensor of one element on `device`.
 void check_clip_coef(const char* op, const std::optional<at::Tensor>& clip_coef, const at::Device& device);
 
+// The param-write arguments of a step op ([Note: bf16 param writes] in common/rounding_math.h):
+// kahan_comps, one compensation per param of its dtype, shape and device, or sr_keys, one key per
+// param; not both, and only for bfloat16 params. Returns the mode they ask for.
+RoundMode check_param_writes(const char* op, at::TensorList params,
+                             const std::optional<at::TensorList>& kahan_comps,
+                             at::OptionalIntArrayRef sr_keys);
+
 void check_lr(const char* op, double lr);
 void check_beta(const char* op, const char* name, double beta);
 void check_nonnegative(const char* op, const char* name, double value);
@@ -83,5 +91,10 @@ class DenseLayout {
   std::vector<bool> written_;
   std::vector<std::vector<at::Tensor>> copies_;  // copies_[k] is empty unless list k has a copy
 };
+
+// kahan_comps as a DenseLayout list: the list under Kahan summation, else empty.
+inline at::TensorList comps_or_none(RoundMode mode, const std::optional<at::TensorList>& kahan_comps) {
+  return mode == RoundMode::Kahan ? *kahan_comps : at::TensorList{};
+}
 
 }  // namespace dldna_fused

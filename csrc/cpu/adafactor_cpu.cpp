@@ -30,11 +30,13 @@ void fused_adafactor_cpu(at::TensorList params, at::TensorList grads,
                          bool relative_step, bool warmup_init,
                          const std::optional<at::Tensor>& grad_scale,
                          const std::optional<at::Tensor>& found_inf,
-                         const std::optional<at::Tensor>& clip_coef) {
+                         const std::optional<at::Tensor>& clip_coef,
+                         std::optional<at::TensorList> kahan_comps, at::OptionalIntArrayRef sr_keys) {
   const AdafactorCall call = check_adafactor_call(
       params, grads, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_sqs, exp_avgs, rms, state_steps, lr,
       eps1, eps2, clip_threshold, decay_rate, beta1, weight_decay, scale_parameter, relative_step,
       warmup_init, grad_scale, found_inf);
+  const RoundMode mode = check_param_writes("dldna_fused::fused_adafactor_", params, kahan_comps, sr_keys);
   const AdafactorOptions& o = call.options;
   if (params.empty()) {
     return;
@@ -45,8 +47,10 @@ void fused_adafactor_cpu(at::TensorList params, at::TensorList grads,
   }
   const size_t n = params.size();
   const bool store_grads = grad_scale.has_value();  // [Note: unscaled grads]
-  DenseLayout layout({params, grads, exp_avgs, exp_avg_sqs}, {true, store_grads, true, true},
-                     /*contiguous=*/call.factored);
+  // Rounding other than to nearest numbers elements in row-major order ([Note: bf16 param writes]).
+  DenseLayout layout({params, grads, exp_avgs, exp_avg_sqs, comps_or_none(mode, kahan_comps)},
+                     {true, store_grads, true, true, true},
+                     /*contiguous=*/call.factored || mode != RoundMode::Nearest);
 
   std::vector<AdafactorShape> shapes(n);
   for (size_t i = 0; i < n; ++i) {
@@ -108,6 +112,7 @@ void fused_adafactor_cpu(at::TensorList params, at::TensorList grads,
       a.exp_avg_sq = layout.get(3, i).data_ptr<float>();
     }
     a.decay = adafactor_decay(o, steps[i]);
+    a.write = cpu::param_write(layout, 4, mode, sr_keys, i, static_cast<float>(steps[i]));
   }
   const cpu::AdafactorLaunch launch{kernel_dtype(call.dtypes.param),
                                     static_cast<float>(eps1),
@@ -118,7 +123,8 @@ void fused_adafactor_cpu(at::TensorList params, at::TensorList grads,
                                     col_partials.data(),
                                     unit_p2.data(),
                                     unit_u2.data(),
-                                    cpu::unscale_factor(grad_scale)};
+                                    cpu::unscale_factor(grad_scale),
+                                    mode};
   const cpu::KernelTable& kernels = cpu::cpu_kernels();
 
   // Finalize 1 of tensor i: RMS(p), and for factored tensors C's EMA from the column sums (units

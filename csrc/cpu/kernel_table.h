@@ -26,6 +26,7 @@
 #include "common/adam_math.h"
 #include "common/lion_math.h"
 #include "common/quantization.h"
+#include "common/rounding_math.h"
 #include "common/sophia_math.h"
 
 namespace dldna_fused::cpu {
@@ -48,6 +49,13 @@ enum class Dtype : int8_t { Float, BFloat16, Half };
 // not in unscale_grads: the step never writes clipped grads. The CUDA ops write the grads back
 // with one foreach multiply after the launch (store_unscaled_grads in cuda/multi_tensor_apply.cu).
 
+// How a tensor's param is written under its launch's RoundMode ([Note: bf16 param writes] in
+// common/rounding_math.h).
+struct ParamWrite {
+  void* comp = nullptr;  // RoundMode::Kahan: the compensation state, of the param's dtype
+  uint64_t salt = 0;     // RoundMode::Stochastic: rounding_salt(key, step)
+};
+
 struct AdamTensorArgs {
   void* param;
   void* grad;  // written only with unscale_grads
@@ -55,6 +63,7 @@ struct AdamTensorArgs {
   void* exp_avg_sq;
   void* max_exp_avg_sq;  // nullptr unless amsgrad
   AdamCoefficients coefficients;
+  ParamWrite write;
 };
 
 struct AdamLaunch {
@@ -62,12 +71,14 @@ struct AdamLaunch {
   Dtype state_dtype;  // the param's dtype, or Float
   const AdamTensorArgs* tensors;
   float unscale_grads;  // 0, or 1 / grad_scale: see [Note: unscaled grads]
+  RoundMode round_mode = RoundMode::Nearest;
 };
 
 struct LionTensorArgs {
   void* param;
   void* grad;
   void* exp_avg;
+  ParamWrite write;
 };
 
 struct LionLaunch {
@@ -76,6 +87,7 @@ struct LionLaunch {
   LionCoefficients coefficients;
   const LionTensorArgs* tensors;
   float unscale_grads;
+  RoundMode round_mode = RoundMode::Nearest;
 };
 
 struct SophiaTensorArgs {
@@ -83,6 +95,7 @@ struct SophiaTensorArgs {
   void* grad;
   void* exp_avg;
   const void* hessian;
+  ParamWrite write;
 };
 
 struct SophiaLaunch {
@@ -92,6 +105,7 @@ struct SophiaLaunch {
   const SophiaTensorArgs* tensors;
   std::atomic<int64_t>* unclipped;  // += coordinates with ratio < 1; nullptr: not counted
   float unscale_grads;
+  RoundMode round_mode = RoundMode::Nearest;
 };
 
 struct SophiaHessianTensorArgs {
@@ -122,6 +136,7 @@ struct AdafactorTensorArgs {
   const float* row_mean;
   const float* col_rsqrt;
   AdafactorApply apply;
+  ParamWrite write;
 };
 
 // The work units are Chunks (whole rows of one matrix in factored tensors); each unit k writes
@@ -138,6 +153,7 @@ struct AdafactorLaunch {
   double* unit_p2;  // sum of p^2
   double* unit_u2;  // sum of U^2
   float unscale_grads;
+  RoundMode round_mode = RoundMode::Nearest;
 };
 
 // The norm a fused_grad_norm call computes: sum |x|, sum x^2 (the caller takes the root) or
@@ -237,6 +253,7 @@ struct LowbitTensorArgs {
   QuantState exp_avg;
   QuantState exp_avg_sq;
   AdamCoefficients adam;
+  ParamWrite write;
 };
 
 // Chunks start at multiples of kChunkElements, a multiple of every block size, so a chunk is
@@ -250,6 +267,7 @@ struct LowbitLaunch {
   LionCoefficients lion;           // Lion's constants (Adam's are per tensor)
   const LowbitTensorArgs* tensors;
   float unscale_grads;
+  RoundMode round_mode = RoundMode::Nearest;
 };
 
 // quantize_blockwise / dequantize_blockwise over one flat tensor; the chunks index its elements.

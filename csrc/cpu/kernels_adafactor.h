@@ -7,6 +7,7 @@
 
 #include "common/adafactor_math.h"
 #include "cpu/kernels_common.h"
+#include "cpu/param_write.h"
 
 namespace dldna_fused::cpu::DLDNA_KERNELS_NAMESPACE {
 
@@ -16,8 +17,9 @@ namespace dldna_fused::cpu::DLDNA_KERNELS_NAMESPACE {
 // then added up in double, so a unit's sum does not lose digits over ~10^5 elements.
 constexpr int64_t kFlushElements = 4096;
 
-// Pass 1 of a factored unit: R's EMA for its rows, its column sums of G2, and sum p^2.
-template <typename P>
+// Pass 1 of a factored unit: R's EMA for its rows, its column sums of G2, and sum p^2 (p as the
+// update sees it: with Kahan summation, p + c).
+template <typename P, RoundMode M>
 void adafactor_reduce_factored(const AdafactorLaunch& launch, const AdafactorTensorArgs& t,
                                const Chunk& unit, int64_t k) {
   const auto* param = static_cast<const P*>(t.param);
@@ -30,14 +32,14 @@ void adafactor_reduce_factored(const AdafactorLaunch& launch, const AdafactorTen
   double p2 = 0.0;
   for (int64_t row = unit.begin / cols; row < unit.end / cols; ++row) {
     const P* g = grad + row * cols;
-    const P* p = param + row * cols;
+    const int64_t offset = row * cols;
     FloatVec row_lanes(0.f), p2_lanes(0.f);
     float row_tail = 0.f, p2_tail = 0.f;
     int64_t c = 0;
     for (; c + kVecBlock <= cols; c += kVecBlock) {
       FloatVec gv[2], pv[2];
       load_block(g + c, gv[0], gv[1]);
-      load_block(p + c, pv[0], pv[1]);
+      load_param_block<M>(param, t.write, offset + c, pv[0], pv[1]);
       for (int h = 0; h < 2; ++h) {
         const FloatVec x = adafactor_g2(gv[h] * inv, launch.eps1);
         row_lanes = row_lanes + x;
@@ -50,7 +52,7 @@ void adafactor_reduce_factored(const AdafactorLaunch& launch, const AdafactorTen
       const float x = adafactor_g2(load_float(g, c) * inv_scale, launch.eps1);
       row_tail += x;
       col_sum[c] += x;
-      const float pc = load_float(p, c);
+      const float pc = load_param<M>(param, t.write, offset + c);
       p2_tail += pc * pc;
     }
     const float row_mean = (horizontal_sum(row_lanes) + row_tail) / static_cast<float>(cols);
@@ -61,7 +63,7 @@ void adafactor_reduce_factored(const AdafactorLaunch& launch, const AdafactorTen
 }
 
 // Pass 1 of an unfactored unit: V's EMA, sum U^2 (U = g rsqrt(V)) and sum p^2.
-template <typename P>
+template <typename P, RoundMode M>
 void adafactor_reduce_unfactored(const AdafactorLaunch& launch, const AdafactorTensorArgs& t,
                                  const Chunk& unit, int64_t k) {
   const auto* param = static_cast<const P*>(t.param);
@@ -77,7 +79,7 @@ void adafactor_reduce_unfactored(const AdafactorLaunch& launch, const AdafactorT
     for (; i + kVecBlock <= end; i += kVecBlock) {
       FloatVec gv[2], pv[2], v[2];
       load_block(grad + i, gv[0], gv[1]);
-      load_block(param + i, pv[0], pv[1]);
+      load_param_block<M>(param, t.write, i, pv[0], pv[1]);
       load_block(sq + i, v[0], v[1]);
       for (int h = 0; h < 2; ++h) {
         const FloatVec g = gv[h] * inv;
@@ -93,7 +95,7 @@ void adafactor_reduce_unfactored(const AdafactorLaunch& launch, const AdafactorT
       sq[i] = adafactor_ema(sq[i], adafactor_g2(g, launch.eps1), t.decay);
       const float u = g * (1.f / OpMath<float>::sqrt(sq[i]));
       u2_tail += u * u;
-      const float p = load_float(param, i);
+      const float p = load_param<M>(param, t.write, i);
       p2_tail += p * p;
     }
     p2 += static_cast<double>(horizontal_sum(p2_lanes)) + p2_tail;
@@ -107,16 +109,20 @@ inline void adafactor_reduce_units(const AdafactorLaunch& launch, const Chunk* u
                                    int64_t num_units) {
   dispatch_param(launch.param_dtype, [&](auto p_tag) {
     using P = decltype(p_tag);
-    for (int64_t j = 0; j < num_units; ++j) {
-      const Chunk& unit = units[j];
-      const int64_t k = &unit - launch.units;
-      const AdafactorTensorArgs& t = launch.tensors[unit.tensor];
-      if (t.rows > 0) {
-        adafactor_reduce_factored<P>(launch, t, unit, k);
-      } else {
-        adafactor_reduce_unfactored<P>(launch, t, unit, k);
+    dispatch_round<P>(launch.round_mode, [&](auto mode) {
+      // Only Kahan reads differently here; the other modes share the nearest-mode reads.
+      constexpr RoundMode kRead = decltype(mode)::value == RoundMode::Kahan ? RoundMode::Kahan : RoundMode::Nearest;
+      for (int64_t j = 0; j < num_units; ++j) {
+        const Chunk& unit = units[j];
+        const int64_t k = &unit - launch.units;
+        const AdafactorTensorArgs& t = launch.tensors[unit.tensor];
+        if (t.rows > 0) {
+          adafactor_reduce_factored<P, kRead>(launch, t, unit, k);
+        } else {
+          adafactor_reduce_unfactored<P, kRead>(launch, t, unit, k);
+        }
       }
-    }
+    });
   });
 }
 
@@ -178,16 +184,16 @@ inline void adafactor_update_norm_units(const AdafactorLaunch& launch, const Chu
 
 // Pass 3 over elements [0, n) from `offset` of one row (factored) or one unit (unfactored):
 // u_block(i, u) fills u[0..1] with U's block of kVecBlock elements at i, u_scalar(i) is U at i.
-template <typename P, typename UBlock, typename UScalar>
+template <typename P, RoundMode M, typename UBlock, typename UScalar>
 inline void adafactor_apply_range(const AdafactorTensorArgs& t, int64_t offset, int64_t n,
                                   UBlock&& u_block, UScalar&& u_scalar) {
-  auto* param = static_cast<P*>(t.param) + offset;
+  auto* param = static_cast<P*>(t.param);
   float* exp_avg = t.exp_avg == nullptr ? nullptr : t.exp_avg + offset;
   const AdafactorApply& c = t.apply;
   int64_t i = 0;
   for (; i + kVecBlock <= n; i += kVecBlock) {
     FloatVec p[2], m[2], u[2];
-    load_block(param + i, p[0], p[1]);
+    load_param_block<M>(param, t.write, offset + i, p[0], p[1]);
     if (c.use_first_moment) {
       load_block(exp_avg + i, m[0], m[1]);
     }
@@ -195,23 +201,23 @@ inline void adafactor_apply_range(const AdafactorTensorArgs& t, int64_t offset, 
     for (int h = 0; h < 2; ++h) {
       adafactor_apply(p[h], u[h], m[h], c);
     }
-    store_block(param + i, p[0], p[1]);
+    store_param_block<M>(param, t.write, offset + i, p[0], p[1]);
     if (c.use_first_moment) {
       store_block(exp_avg + i, m[0], m[1]);
     }
   }
   for (; i < n; ++i) {
-    float p = static_cast<float>(param[i]);
+    float p = load_param<M>(param, t.write, offset + i);
     float m = c.use_first_moment ? exp_avg[i] : 0.f;
     adafactor_apply(p, u_scalar(i), m, c);
-    param[i] = static_cast<P>(p);
+    store_param<M>(param, t.write, offset + i, p);
     if (c.use_first_moment) {
       exp_avg[i] = m;
     }
   }
 }
 
-template <typename P>
+template <typename P, RoundMode M>
 void adafactor_apply_unit(const AdafactorLaunch& launch, const AdafactorTensorArgs& t,
                           const Chunk& unit) {
   // The last pass that reads g, so the one that stores it back unscaled.
@@ -224,7 +230,7 @@ void adafactor_apply_unit(const AdafactorLaunch& launch, const AdafactorTensorAr
     for_each_factored_row<P>(t, unit, [&](int64_t offset, const float* col_rsqrt, float r_factor) {
       P* g = grad + offset;
       const FloatVec r(r_factor);
-      adafactor_apply_range<P>(
+      adafactor_apply_range<P, M>(
           t, offset, t.cols,
           [&](int64_t i, FloatVec* u) {
             load_block(g + i, u[0], u[1]);
@@ -247,7 +253,7 @@ void adafactor_apply_unit(const AdafactorLaunch& launch, const AdafactorTensorAr
   }
   P* g = grad + unit.begin;
   const float* sq = t.exp_avg_sq + unit.begin;
-  adafactor_apply_range<P>(
+  adafactor_apply_range<P, M>(
       t, unit.begin, unit.end - unit.begin,
       [&](int64_t i, FloatVec* u) {
         load_block(g + i, u[0], u[1]);
@@ -270,9 +276,12 @@ void adafactor_apply_unit(const AdafactorLaunch& launch, const AdafactorTensorAr
 inline void adafactor_apply_units(const AdafactorLaunch& launch, const Chunk* units,
                                   int64_t num_units) {
   dispatch_param(launch.param_dtype, [&](auto p_tag) {
-    for (int64_t j = 0; j < num_units; ++j) {
-      adafactor_apply_unit<decltype(p_tag)>(launch, launch.tensors[units[j].tensor], units[j]);
-    }
+    using P = decltype(p_tag);
+    dispatch_round<P>(launch.round_mode, [&](auto mode) {
+      for (int64_t j = 0; j < num_units; ++j) {
+        adafactor_apply_unit<P, decltype(mode)::value>(launch, launch.tensors[units[j].tensor], units[j]);
+      }
+    });
   });
 }
 

@@ -5,10 +5,11 @@
 
 #include "common/adam_math.h"
 #include "cpu/kernels_common.h"
+#include "cpu/param_write.h"
 
 namespace dldna_fused::cpu::DLDNA_KERNELS_NAMESPACE {
 
-template <typename P, typename S>
+template <typename P, typename S, RoundMode M>
 void adam_range(const AdamTensorArgs& t, int64_t begin, int64_t end, float unscale) {
   auto* param = static_cast<P*>(t.param);
   auto* grad = static_cast<P*>(t.grad);
@@ -20,7 +21,7 @@ void adam_range(const AdamTensorArgs& t, int64_t begin, int64_t end, float unsca
   int64_t i = begin;
   for (; i + kVecBlock <= end; i += kVecBlock) {
     FloatVec p[2], g[2], m[2], v[2], v_max[2];
-    load_block(param + i, p[0], p[1]);
+    load_param_block<M>(param, t.write, i, p[0], p[1]);
     load_block(grad + i, g[0], g[1]);
     load_block(exp_avg + i, m[0], m[1]);
     load_block(exp_avg_sq + i, v[0], v[1]);
@@ -30,7 +31,7 @@ void adam_range(const AdamTensorArgs& t, int64_t begin, int64_t end, float unsca
     for (int k = 0; k < 2; ++k) {
       adam_update(p[k], g[k], m[k], v[k], v_max[k], c);
     }
-    store_block(param + i, p[0], p[1]);
+    store_param_block<M>(param, t.write, i, p[0], p[1]);
     store_block(exp_avg + i, m[0], m[1]);
     store_block(exp_avg_sq + i, v[0], v[1]);
     if (c.amsgrad) {
@@ -42,12 +43,12 @@ void adam_range(const AdamTensorArgs& t, int64_t begin, int64_t end, float unsca
   }
   // The tail runs the same rule on scalars.
   for (; i < end; ++i) {
-    float p = static_cast<float>(param[i]);
+    float p = load_param<M>(param, t.write, i);
     float m = static_cast<float>(exp_avg[i]);
     float v = static_cast<float>(exp_avg_sq[i]);
     float v_max = c.amsgrad ? static_cast<float>(max_exp_avg_sq[i]) : 0.f;
     adam_update(p, static_cast<float>(grad[i]), m, v, v_max, c);
-    param[i] = static_cast<P>(p);
+    store_param<M>(param, t.write, i, p);
     exp_avg[i] = static_cast<S>(m);
     exp_avg_sq[i] = static_cast<S>(v);
     if (c.amsgrad) {
@@ -63,11 +64,13 @@ inline void adam_chunks(const AdamLaunch& launch, const Chunk* chunks, int64_t n
   dispatch_param_state(launch.param_dtype, launch.state_dtype, [&](auto p_tag, auto s_tag) {
     using P = decltype(p_tag);
     using S = decltype(s_tag);
-    for (int64_t k = 0; k < num_chunks; ++k) {
-      const Chunk& chunk = chunks[k];
-      adam_range<P, S>(launch.tensors[chunk.tensor], chunk.begin, chunk.end,
-                       launch.unscale_grads);
-    }
+    dispatch_round<P>(launch.round_mode, [&](auto mode) {
+      for (int64_t k = 0; k < num_chunks; ++k) {
+        const Chunk& chunk = chunks[k];
+        adam_range<P, S, decltype(mode)::value>(launch.tensors[chunk.tensor], chunk.begin, chunk.end,
+                                 launch.unscale_grads);
+      }
+    });
   });
 }
 

@@ -6,10 +6,11 @@
 #include "common/lion_math.h"
 #include "common/sophia_math.h"
 #include "cpu/kernels_common.h"
+#include "cpu/param_write.h"
 
 namespace dldna_fused::cpu::DLDNA_KERNELS_NAMESPACE {
 
-template <typename P, typename S>
+template <typename P, typename S, RoundMode M>
 void lion_range(const LionTensorArgs& t, const LionCoefficients& c, int64_t begin, int64_t end,
                 float unscale) {
   auto* param = static_cast<P*>(t.param);
@@ -18,23 +19,23 @@ void lion_range(const LionTensorArgs& t, const LionCoefficients& c, int64_t begi
   int64_t i = begin;
   for (; i + kVecBlock <= end; i += kVecBlock) {
     FloatVec p[2], g[2], m[2];
-    load_block(param + i, p[0], p[1]);
+    load_param_block<M>(param, t.write, i, p[0], p[1]);
     load_block(grad + i, g[0], g[1]);
     load_block(exp_avg + i, m[0], m[1]);
     for (int k = 0; k < 2; ++k) {
       lion_update(p[k], g[k], m[k], c);
     }
-    store_block(param + i, p[0], p[1]);
+    store_param_block<M>(param, t.write, i, p[0], p[1]);
     store_block(exp_avg + i, m[0], m[1]);
     if (unscale != 0.f) {
       store_unscaled_block(grad + i, g, unscale);
     }
   }
   for (; i < end; ++i) {
-    float p = static_cast<float>(param[i]);
+    float p = load_param<M>(param, t.write, i);
     float m = static_cast<float>(exp_avg[i]);
     lion_update(p, static_cast<float>(grad[i]), m, c);
-    param[i] = static_cast<P>(p);
+    store_param<M>(param, t.write, i, p);
     exp_avg[i] = static_cast<S>(m);
     if (unscale != 0.f) {
       store_unscaled(grad, i, unscale);
@@ -44,17 +45,19 @@ void lion_range(const LionTensorArgs& t, const LionCoefficients& c, int64_t begi
 
 inline void lion_chunks(const LionLaunch& launch, const Chunk* chunks, int64_t num_chunks) {
   dispatch_param_state(launch.param_dtype, launch.state_dtype, [&](auto p_tag, auto s_tag) {
-    for (int64_t k = 0; k < num_chunks; ++k) {
-      const Chunk& chunk = chunks[k];
-      lion_range<decltype(p_tag), decltype(s_tag)>(launch.tensors[chunk.tensor],
-                                                   launch.coefficients, chunk.begin, chunk.end,
-                                                   launch.unscale_grads);
-    }
+    using P = decltype(p_tag);
+    dispatch_round<P>(launch.round_mode, [&](auto mode) {
+      for (int64_t k = 0; k < num_chunks; ++k) {
+        const Chunk& chunk = chunks[k];
+        lion_range<P, decltype(s_tag), decltype(mode)::value>(
+            launch.tensors[chunk.tensor], launch.coefficients, chunk.begin, chunk.end, launch.unscale_grads);
+      }
+    });
   });
 }
 
 // Returns the number of coordinates whose ratio was below 1 (not clipped).
-template <typename P, typename S>
+template <typename P, typename S, RoundMode M>
 int64_t sophia_range(const SophiaTensorArgs& t, const SophiaCoefficients& c, int64_t begin,
                      int64_t end, float unscale) {
   auto* param = static_cast<P*>(t.param);
@@ -68,7 +71,7 @@ int64_t sophia_range(const SophiaTensorArgs& t, const SophiaCoefficients& c, int
   int64_t i = begin;
   for (; i + kVecBlock <= end; i += kVecBlock) {
     FloatVec p[2], g[2], m[2], h[2];
-    load_block(param + i, p[0], p[1]);
+    load_param_block<M>(param, t.write, i, p[0], p[1]);
     load_block(grad + i, g[0], g[1]);
     load_block(exp_avg + i, m[0], m[1]);
     load_block(hessian + i, h[0], h[1]);
@@ -76,7 +79,7 @@ int64_t sophia_range(const SophiaTensorArgs& t, const SophiaCoefficients& c, int
       const FloatVec ratio = sophia_update(p[k], g[k], m[k], h[k], c);
       unclipped_lanes = unclipped_lanes + ((ratio < one) & one);
     }
-    store_block(param + i, p[0], p[1]);
+    store_param_block<M>(param, t.write, i, p[0], p[1]);
     store_block(exp_avg + i, m[0], m[1]);
     if (unscale != 0.f) {
       store_unscaled_block(grad + i, g, unscale);
@@ -88,11 +91,11 @@ int64_t sophia_range(const SophiaTensorArgs& t, const SophiaCoefficients& c, int
     unclipped += static_cast<int64_t>(lane);
   }
   for (; i < end; ++i) {
-    float p = static_cast<float>(param[i]);
+    float p = load_param<M>(param, t.write, i);
     float m = static_cast<float>(exp_avg[i]);
     const float ratio = sophia_update(p, static_cast<float>(grad[i]), m, static_cast<float>(hessian[i]), c);
     unclipped += ratio < 1.f;
-    param[i] = static_cast<P>(p);
+    store_param<M>(param, t.write, i, p);
     exp_avg[i] = static_cast<S>(m);
     if (unscale != 0.f) {
       store_unscaled(grad, i, unscale);
@@ -104,12 +107,15 @@ int64_t sophia_range(const SophiaTensorArgs& t, const SophiaCoefficients& c, int
 inline void sophia_chunks(const SophiaLaunch& launch, const Chunk* chunks, int64_t num_chunks) {
   int64_t unclipped = 0;
   dispatch_param_state(launch.param_dtype, launch.state_dtype, [&](auto p_tag, auto s_tag) {
-    for (int64_t k = 0; k < num_chunks; ++k) {
-      const Chunk& chunk = chunks[k];
-      unclipped += sophia_range<decltype(p_tag), decltype(s_tag)>(
-          launch.tensors[chunk.tensor], launch.coefficients, chunk.begin, chunk.end,
-          launch.unscale_grads);
-    }
+    using P = decltype(p_tag);
+    dispatch_round<P>(launch.round_mode, [&](auto mode) {
+      for (int64_t k = 0; k < num_chunks; ++k) {
+        const Chunk& chunk = chunks[k];
+        unclipped += sophia_range<P, decltype(s_tag), decltype(mode)::value>(
+            launch.tensors[chunk.tensor], launch.coefficients, chunk.begin, chunk.end,
+            launch.unscale_grads);
+      }
+    });
   });
   if (launch.unclipped != nullptr) {
     launch.unclipped->fetch_add(unclipped, std::memory_order_relaxed);

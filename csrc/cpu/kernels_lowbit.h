@@ -10,6 +10,7 @@
 #include "common/adam_math.h"
 #include "common/lion_math.h"
 #include "cpu/kernels_common.h"
+#include "cpu/param_write.h"
 #if defined(DLDNA_LOWBIT_AVX512)
 #include "cpu/vec512.h"
 #endif
@@ -18,14 +19,11 @@ namespace dldna_fused::cpu::DLDNA_KERNELS_NAMESPACE {
 
 // ---- Low-bit states: see [Note: blockwise quantized states] in common/quantization.h ----
 
-using IntVec = at::vec::Vectorized<int32_t>;
-
 // The per-element helpers below run once per vector; a call each (GCC does not inline them on its
 // own) costs as much as their work.
 #ifndef DLDNA_ALWAYS_INLINE
 #define DLDNA_ALWAYS_INLINE inline __attribute__((always_inline))
 #endif
-static_assert(IntVec::size() == FloatVec::size());
 
 // The nearest code of y (see [Note: nearest-code lookup] in cpu/kernel_table.h), as a scalar.
 DLDNA_ALWAYS_INLINE int32_t nearest_code(float y, const QuantLut& lut) {
@@ -191,7 +189,7 @@ DLDNA_ALWAYS_INLINE float quantize_block(QuantBlock& scratch, const QuantLut& lu
 #endif
 }
 
-template <typename P>
+template <typename P, RoundMode M>
 void adam_lowbit_block(const LowbitLaunch& launch, const LowbitTensorArgs& t, int64_t first,
                        int64_t n, QuantBlock& m, QuantBlock& v) {
   const int64_t block = first / launch.block_size;
@@ -199,14 +197,14 @@ void adam_lowbit_block(const LowbitLaunch& launch, const LowbitTensorArgs& t, in
   const QuantLut& v_lut = *launch.exp_avg_sq_lut;
   dequantize_block(t.exp_avg.codes, t.exp_avg.absmax[block], m_lut, launch.bits, first, n, m);
   dequantize_block(t.exp_avg_sq.codes, t.exp_avg_sq.absmax[block], v_lut, launch.bits, first, n, v);
-  auto* param = static_cast<P*>(t.param) + first;
+  auto* param = static_cast<P*>(t.param);  // element first + i at param[first + i]
   auto* grad = static_cast<P*>(t.grad) + first;
   const AdamCoefficients& c = t.adam;
   const float unscale = launch.unscale_grads;
   int64_t i = 0;
   for (; i + kVecBlock <= n; i += kVecBlock) {
     FloatVec p[2], g[2], mv[2], vv[2], unused[2];
-    load_block(param + i, p[0], p[1]);
+    load_param_block<M>(param, t.write, first + i, p[0], p[1]);
     load_block(grad + i, g[0], g[1]);
     for (int h = 0; h < 2; ++h) {
       const int64_t at = i + h * FloatVec::size();
@@ -216,16 +214,16 @@ void adam_lowbit_block(const LowbitLaunch& launch, const LowbitTensorArgs& t, in
       mv[h].store(m.values + at);
       vv[h].store(v.values + at);
     }
-    store_block(param + i, p[0], p[1]);
+    store_param_block<M>(param, t.write, first + i, p[0], p[1]);
     if (unscale != 0.f) {
       store_unscaled_block(grad + i, g, unscale);
     }
   }
   for (; i < n; ++i) {
-    float p = static_cast<float>(param[i]);
+    float p = load_param<M>(param, t.write, first + i);
     float unused = 0.f;
     adam_update(p, static_cast<float>(grad[i]), m.values[i], v.values[i], unused, c);
-    param[i] = static_cast<P>(p);
+    store_param<M>(param, t.write, first + i, p);
     if (unscale != 0.f) {
       store_unscaled(grad, i, unscale);
     }
@@ -234,19 +232,19 @@ void adam_lowbit_block(const LowbitLaunch& launch, const LowbitTensorArgs& t, in
   t.exp_avg_sq.absmax[block] = quantize_block(v, v_lut, launch.bits, first, n, t.exp_avg_sq.codes);
 }
 
-template <typename P>
+template <typename P, RoundMode M>
 void lion_lowbit_block(const LowbitLaunch& launch, const LowbitTensorArgs& t, int64_t first,
                        int64_t n, QuantBlock& m) {
   const int64_t block = first / launch.block_size;
   const QuantLut& lut = *launch.exp_avg_lut;
   dequantize_block(t.exp_avg.codes, t.exp_avg.absmax[block], lut, launch.bits, first, n, m);
-  auto* param = static_cast<P*>(t.param) + first;
+  auto* param = static_cast<P*>(t.param);  // element first + i at param[first + i]
   auto* grad = static_cast<P*>(t.grad) + first;
   const float unscale = launch.unscale_grads;
   int64_t i = 0;
   for (; i + kVecBlock <= n; i += kVecBlock) {
     FloatVec p[2], g[2];
-    load_block(param + i, p[0], p[1]);
+    load_param_block<M>(param, t.write, first + i, p[0], p[1]);
     load_block(grad + i, g[0], g[1]);
     for (int h = 0; h < 2; ++h) {
       float* at = m.values + i + h * FloatVec::size();
@@ -254,15 +252,15 @@ void lion_lowbit_block(const LowbitLaunch& launch, const LowbitTensorArgs& t, in
       lion_update(p[h], g[h], mv, launch.lion);
       mv.store(at);
     }
-    store_block(param + i, p[0], p[1]);
+    store_param_block<M>(param, t.write, first + i, p[0], p[1]);
     if (unscale != 0.f) {
       store_unscaled_block(grad + i, g, unscale);
     }
   }
   for (; i < n; ++i) {
-    float p = static_cast<float>(param[i]);
+    float p = load_param<M>(param, t.write, first + i);
     lion_update(p, static_cast<float>(grad[i]), m.values[i], launch.lion);
-    param[i] = static_cast<P>(p);
+    store_param<M>(param, t.write, first + i, p);
     if (unscale != 0.f) {
       store_unscaled(grad, i, unscale);
     }
@@ -287,12 +285,16 @@ inline void adam_lowbit_chunks(const LowbitLaunch& launch, const Chunk* chunks, 
   QuantBlock& m = m_scratch;  // one TLS lookup per call, not per block
   QuantBlock& v = v_scratch;
   dispatch_param(launch.param_dtype, [&](auto p_tag) {
-    for_each_quant_block(chunks, num_chunks, launch.block_size, [&](int64_t tensor, int64_t first, int64_t n) {
+    using P = decltype(p_tag);
+    dispatch_round<P>(launch.round_mode, [&](auto mode) {
+      constexpr RoundMode M = decltype(mode)::value;
+      for_each_quant_block(chunks, num_chunks, launch.block_size, [&](int64_t tensor, int64_t first, int64_t n) {
 #if defined(DLDNA_LOWBIT_AVX512)
-      adam_lowbit_block_avx512<decltype(p_tag)>(launch, launch.tensors[tensor], first, n, m, v);
+        adam_lowbit_block_avx512<P, M>(launch, launch.tensors[tensor], first, n, m, v);
 #else
-      adam_lowbit_block<decltype(p_tag)>(launch, launch.tensors[tensor], first, n, m, v);
+        adam_lowbit_block<P, M>(launch, launch.tensors[tensor], first, n, m, v);
 #endif
+      });
     });
   });
 }
@@ -301,12 +303,16 @@ inline void lion_lowbit_chunks(const LowbitLaunch& launch, const Chunk* chunks, 
   thread_local QuantBlock m_scratch;
   QuantBlock& m = m_scratch;
   dispatch_param(launch.param_dtype, [&](auto p_tag) {
-    for_each_quant_block(chunks, num_chunks, launch.block_size, [&](int64_t tensor, int64_t first, int64_t n) {
+    using P = decltype(p_tag);
+    dispatch_round<P>(launch.round_mode, [&](auto mode) {
+      constexpr RoundMode M = decltype(mode)::value;
+      for_each_quant_block(chunks, num_chunks, launch.block_size, [&](int64_t tensor, int64_t first, int64_t n) {
 #if defined(DLDNA_LOWBIT_AVX512)
-      lion_lowbit_block_avx512<decltype(p_tag)>(launch, launch.tensors[tensor], first, n, m);
+        lion_lowbit_block_avx512<P, M>(launch, launch.tensors[tensor], first, n, m);
 #else
-      lion_lowbit_block<decltype(p_tag)>(launch, launch.tensors[tensor], first, n, m);
+        lion_lowbit_block<P, M>(launch, launch.tensors[tensor], first, n, m);
 #endif
+      });
     });
   });
 }

@@ -26,9 +26,11 @@ void fused_lion_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     double weight_decay, bool maximize,
                     const std::optional<at::Tensor>& grad_scale,
                     const std::optional<at::Tensor>& found_inf,
-                    const std::optional<at::Tensor>& clip_coef) {
+                    const std::optional<at::Tensor>& clip_coef,
+                    std::optional<at::TensorList> kahan_comps, at::OptionalIntArrayRef sr_keys) {
   const CallDtypes dtypes = check_lion_args(params, grads, exp_avgs, state_steps, lr, beta1, beta2,
                                             weight_decay, grad_scale, found_inf);
+  const RoundMode mode = check_param_writes("dldna_fused::fused_lion_", params, kahan_comps, sr_keys);
   if (params.empty()) {
     return;
   }
@@ -37,19 +39,20 @@ void fused_lion_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
     return;
   }
   const bool store_grads = grad_scale.has_value();  // [Note: unscaled grads]
-  DenseLayout layout({params, grads, exp_avgs}, {true, store_grads, true});
+  DenseLayout layout({params, grads, exp_avgs, comps_or_none(mode, kahan_comps)},
+                     {true, store_grads, true, true}, mode != RoundMode::Nearest);
+  increment_steps(state_steps);
   const size_t n = params.size();
   std::vector<cpu::LionTensorArgs> args(n);
   for (size_t i = 0; i < n; ++i) {
     args[i] = {layout.get(0, i).data_ptr(), cpu::grad_pointer(layout.get(1, i), store_grads),
-               layout.get(2, i).data_ptr()};
+               layout.get(2, i).data_ptr(), cpu::param_write(layout, 3, mode, sr_keys, i, *state_steps[i].const_data_ptr<float>())};
   }
-  increment_steps(state_steps);
   const cpu::LionLaunch launch{
       kernel_dtype(dtypes.param), kernel_dtype(dtypes.state),
       lion_coefficients(lr, beta1, beta2, weight_decay, cpu::gradient_factor(grad_scale, clip_coef),
                         maximize),
-      args.data(), cpu::unscale_factor(grad_scale)};
+      args.data(), cpu::unscale_factor(grad_scale), mode};
   cpu::parallel_over_chunks(cpu::make_chunks(params), cpu::cpu_kernels().lion, launch);
   layout.copy_back();
 }
@@ -60,10 +63,12 @@ void fused_sophia_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
                       const std::optional<at::Tensor>& grad_scale,
                       const std::optional<at::Tensor>& found_inf,
                       const std::optional<at::Tensor>& unclipped,
-                      const std::optional<at::Tensor>& clip_coef) {
+                      const std::optional<at::Tensor>& clip_coef,
+                      std::optional<at::TensorList> kahan_comps, at::OptionalIntArrayRef sr_keys) {
   const CallDtypes dtypes =
       check_sophia_args(params, grads, exp_avgs, hessians, state_steps, lr, beta1, rho, bs,
                         weight_decay, grad_scale, found_inf, unclipped);
+  const RoundMode mode = check_param_writes("dldna_fused::fused_sophia_", params, kahan_comps, sr_keys);
   if (params.empty()) {
     return;
   }
@@ -72,20 +77,22 @@ void fused_sophia_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
     return;
   }
   const bool store_grads = grad_scale.has_value();  // [Note: unscaled grads]
-  DenseLayout layout({params, grads, exp_avgs, hessians}, {true, store_grads, true, false});
+  DenseLayout layout({params, grads, exp_avgs, hessians, comps_or_none(mode, kahan_comps)},
+                     {true, store_grads, true, false, true}, mode != RoundMode::Nearest);
+  increment_steps(state_steps);
   const size_t n = params.size();
   std::vector<cpu::SophiaTensorArgs> args(n);
   for (size_t i = 0; i < n; ++i) {
     args[i] = {layout.get(0, i).data_ptr(), cpu::grad_pointer(layout.get(1, i), store_grads),
-               layout.get(2, i).data_ptr(), layout.get(3, i).const_data_ptr()};
+               layout.get(2, i).data_ptr(), layout.get(3, i).const_data_ptr(),
+               cpu::param_write(layout, 4, mode, sr_keys, i, *state_steps[i].const_data_ptr<float>())};
   }
-  increment_steps(state_steps);
   std::atomic<int64_t> count{0};
   const cpu::SophiaLaunch launch{
       kernel_dtype(dtypes.param), kernel_dtype(dtypes.state),
       sophia_coefficients(lr, beta1, rho, bs, weight_decay, cpu::gradient_factor(grad_scale, clip_coef),
                           maximize),
-      args.data(), unclipped.has_value() ? &count : nullptr, cpu::unscale_factor(grad_scale)};
+      args.data(), unclipped.has_value() ? &count : nullptr, cpu::unscale_factor(grad_scale), mode};
   cpu::parallel_over_chunks(cpu::make_chunks(params), cpu::cpu_kernels().sophia, launch);
   layout.copy_back();
   if (unclipped.has_value()) {

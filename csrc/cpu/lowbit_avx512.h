@@ -278,17 +278,31 @@ inline void dequantize_block_avx512(const uint8_t* codes, float absmax, const Qu
   }
 }
 
+// A param's 16 lanes at `index`, read and written as cpu/param_write.h does for two AVX2 vectors
+// (kVecBlock is 16 here), so both builds write the same bits.
+template <RoundMode M, typename P>
+inline Vec512 load_param16(const P* param, const ParamWrite& w, int64_t index) {
+  FloatVec lo, hi;
+  load_param_block<M>(param, w, index, lo, hi);
+  return Vec512(_mm512_insertf32x8(_mm512_castps256_ps512(__m256(lo)), __m256(hi), 1));
+}
+
+template <RoundMode M, typename P>
+inline void store_param16(P* param, const ParamWrite& w, int64_t index, Vec512 x) {
+  store_param_block<M>(param, w, index, FloatVec(_mm512_castps512_ps256(x.v)), FloatVec(_mm512_extractf32x8_ps(x.v, 1)));
+}
+
 // One low-bit Adam or Lion block: elements [first, first + n) of tensor t, with kStates states
 // (Lion: exp_avg; Adam: exp_avg, exp_avg_sq) and the rule as update16(p, g, states) on 16 lanes
 // and update1(p, g, states) on one element.
 // The new fp32 states go to scratch[s], then are requantized with their new absmax.
-template <typename P, int kBits, int kStates, typename Update16, typename Update1>
+template <typename P, RoundMode M, int kBits, int kStates, typename Update16, typename Update1>
 void lowbit_block_avx512(const LowbitLaunch& launch, const LowbitTensorArgs& t, int64_t first, int64_t n,
                          float* const* scratch, Update16&& update16, Update1&& update1) {
   const int64_t block = first / launch.block_size;
   const QuantState* states[2] = {&t.exp_avg, &t.exp_avg_sq};
   const QuantLut* luts[2] = {launch.exp_avg_lut, launch.exp_avg_sq_lut};
-  P* param = static_cast<P*>(t.param) + first;
+  P* param = static_cast<P*>(t.param);  // element first + i at param[first + i]
   P* grad = static_cast<P*>(t.grad) + first;
   const float unscale = launch.unscale_grads;
   const Vec512 unscale_vec(unscale);
@@ -300,10 +314,10 @@ void lowbit_block_avx512(const LowbitLaunch& launch, const LowbitTensorArgs& t, 
   }
   // Rule on 16 lanes whose states are in registers; the new states go to the scratch.
   auto lanes16 = [&](int64_t at, Vec512* state) {
-    Vec512 p = load16(param + at);
+    Vec512 p = load_param16<M>(param, t.write, first + at);
     const Vec512 g = load16(grad + at);
     update16(p, g, state);
-    store16(param + at, p);
+    store_param16<M>(param, t.write, first + at, p);
     if (unscale != 0.f) {
       store16(grad + at, g * unscale_vec);
     }
@@ -349,13 +363,13 @@ void lowbit_block_avx512(const LowbitLaunch& launch, const LowbitTensorArgs& t, 
     largest_bits[s] = _mm512_reduce_max_epu32(largest[s]);
   }
   for (; i < n; ++i) {
-    float p = static_cast<float>(param[i]);
+    float p = load_param<M>(param, t.write, first + i);
     float state[kStates];
     for (int s = 0; s < kStates; ++s) {
       state[s] = dequantize_one(states[s]->codes, kBits, first + i, *luts[s], states[s]->absmax[block]);
     }
     update1(p, static_cast<float>(grad[i]), state);
-    param[i] = static_cast<P>(p);
+    store_param<M>(param, t.write, first + i, p);
     if (unscale != 0.f) {
       store_unscaled(grad, i, unscale);
     }
@@ -374,7 +388,7 @@ void lowbit_block_avx512(const LowbitLaunch& launch, const LowbitTensorArgs& t, 
   }
 }
 
-template <typename P>
+template <typename P, RoundMode M>
 void adam_lowbit_block_avx512(const LowbitLaunch& launch, const LowbitTensorArgs& t, int64_t first, int64_t n,
                               QuantBlock& m, QuantBlock& v) {
   float* const scratch[2] = {m.values, v.values};
@@ -388,21 +402,21 @@ void adam_lowbit_block_avx512(const LowbitLaunch& launch, const LowbitTensorArgs
     adam_update(p, g, state[0], state[1], unused, c);
   };
   if (launch.bits == 8) {
-    lowbit_block_avx512<P, 8, 2>(launch, t, first, n, scratch, update16, update1);
+    lowbit_block_avx512<P, M, 8, 2>(launch, t, first, n, scratch, update16, update1);
   } else {
-    lowbit_block_avx512<P, 4, 2>(launch, t, first, n, scratch, update16, update1);
+    lowbit_block_avx512<P, M, 4, 2>(launch, t, first, n, scratch, update16, update1);
   }
 }
 
-template <typename P>
+template <typename P, RoundMode M>
 void lion_lowbit_block_avx512(const LowbitLaunch& launch, const LowbitTensorArgs& t, int64_t first, int64_t n,
                               QuantBlock& m) {
   float* const scratch[1] = {m.values};
   auto update16 = [&](Vec512& p, Vec512 g, Vec512* state) { lion_update(p, g, state[0], launch.lion); };
   auto update1 = [&](float& p, float g, float* state) { lion_update(p, g, state[0], launch.lion); };
   if (launch.bits == 8) {
-    lowbit_block_avx512<P, 8, 1>(launch, t, first, n, scratch, update16, update1);
+    lowbit_block_avx512<P, M, 8, 1>(launch, t, first, n, scratch, update16, update1);
   } else {
-    lowbit_block_avx512<P, 4, 1>(launch, t, first, n, scratch, update16, update1);
+    lowbit_block_avx512<P, M, 4, 1>(launch, t, first, n, scratch, update16, update1);
   }
 }

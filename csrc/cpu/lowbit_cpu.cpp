@@ -199,16 +199,20 @@ bool skip_step(const char* op, at::TensorList params, const std::optional<at::Te
   return cpu::found_inf_set(found_inf);
 }
 
-// Codes follow the params' logical order, so non-contiguous params run on contiguous copies.
-DenseLayout param_layout(at::TensorList params, at::TensorList grads, bool store_grads) {
-  return DenseLayout({params, grads}, {true, store_grads}, /*contiguous=*/true);
+// Codes follow the params' logical order, so non-contiguous params run on contiguous copies (as do
+// their Kahan compensations).
+DenseLayout param_layout(at::TensorList params, at::TensorList grads, bool store_grads, RoundMode mode,
+                         const std::optional<at::TensorList>& kahan_comps) {
+  return DenseLayout({params, grads, comps_or_none(mode, kahan_comps)}, {true, store_grads, true},
+                     /*contiguous=*/true);
 }
 
 // A launch with exp_avg's (signed) map; Adam adds exp_avg_sq's, Lion its coefficients.
 cpu::LowbitLaunch make_launch(at::ScalarType dtype, int64_t bits, int64_t block_size,
                               const std::vector<cpu::LowbitTensorArgs>& args,
-                              const std::optional<at::Tensor>& grad_scale) {
+                              const std::optional<at::Tensor>& grad_scale, RoundMode mode) {
   cpu::LowbitLaunch launch{};
+  launch.round_mode = mode;
   launch.param_dtype = kernel_dtype(dtype);
   launch.bits = static_cast<int>(bits);
   launch.block_size = block_size;
@@ -224,18 +228,21 @@ void fused_adam_lowbit_cpu_impl(at::TensorList params, at::TensorList grads, at:
                                 double lr, const AdamHyperparameters& hp, int64_t bits,
                                 int64_t block_size, const std::optional<at::Tensor>& grad_scale,
                                 const std::optional<at::Tensor>& found_inf,
-                                const std::optional<at::Tensor>& clip_coef) {
+                                const std::optional<at::Tensor>& clip_coef,
+                                const std::optional<at::TensorList>& kahan_comps,
+                                at::OptionalIntArrayRef sr_keys) {
   constexpr const char* op = "dldna_fused::fused_adam_lowbit_";
   check_lr(op, lr);
   const at::ScalarType dtype =
       check_adam_lowbit_args(params, grads, exp_avgs, exp_avg_absmaxes, exp_avg_sqs, exp_avg_sq_absmaxes,
                              state_steps, hp, bits, block_size, grad_scale, found_inf);
+  const RoundMode mode = check_param_writes(op, params, kahan_comps, sr_keys);
   if (skip_step(op, params, grad_scale, found_inf, clip_coef)) {
     return;
   }
   const float factor = cpu::gradient_factor(grad_scale, clip_coef);
   const bool store_grads = grad_scale.has_value();  // [Note: unscaled grads] in cpu/kernel_table.h
-  DenseLayout layout = param_layout(params, grads, store_grads);
+  DenseLayout layout = param_layout(params, grads, store_grads, mode, kahan_comps);
   const size_t n = params.size();
   std::vector<cpu::LowbitTensorArgs> args(n);
   float coefficients_step = -1.f;
@@ -252,9 +259,10 @@ void fused_adam_lowbit_cpu_impl(at::TensorList params, at::TensorList grads, at:
                cpu::grad_pointer(layout.get(1, i), store_grads),
                {exp_avgs[i].data_ptr<uint8_t>(), exp_avg_absmaxes[i].data_ptr<float>()},
                {exp_avg_sqs[i].data_ptr<uint8_t>(), exp_avg_sq_absmaxes[i].data_ptr<float>()},
-               c};
+               c,
+               cpu::param_write(layout, 2, mode, sr_keys, i, *step)};
   }
-  cpu::LowbitLaunch launch = make_launch(dtype, bits, block_size, args, grad_scale);
+  cpu::LowbitLaunch launch = make_launch(dtype, bits, block_size, args, grad_scale, mode);
   launch.exp_avg_sq_lut = &cpu::quant_lut(static_cast<int>(bits), false);
   cpu::parallel_over_chunks(cpu::make_chunks(params), cpu::cpu_kernels().adam_lowbit, launch);
   layout.copy_back();
@@ -267,11 +275,12 @@ void fused_adam_lowbit_cpu(at::TensorList params, at::TensorList grads, at::Tens
                            bool maximize, bool decoupled_weight_decay, int64_t bits,
                            int64_t block_size, const std::optional<at::Tensor>& grad_scale,
                            const std::optional<at::Tensor>& found_inf,
-                           const std::optional<at::Tensor>& clip_coef) {
+                           const std::optional<at::Tensor>& clip_coef,
+                           std::optional<at::TensorList> kahan_comps, at::OptionalIntArrayRef sr_keys) {
   fused_adam_lowbit_cpu_impl(params, grads, exp_avgs, exp_avg_absmaxes, exp_avg_sqs,
                              exp_avg_sq_absmaxes, state_steps, lr,
                              {beta1, beta2, weight_decay, eps, false, maximize, decoupled_weight_decay},
-                             bits, block_size, grad_scale, found_inf, clip_coef);
+                             bits, block_size, grad_scale, found_inf, clip_coef, kahan_comps, sr_keys);
 }
 
 void fused_adam_lowbit_cpu_tensor_lr(
@@ -280,11 +289,13 @@ void fused_adam_lowbit_cpu_tensor_lr(
     at::TensorList state_steps, const at::Tensor& lr, double beta1, double beta2,
     double weight_decay, double eps, bool maximize, bool decoupled_weight_decay, int64_t bits,
     int64_t block_size, const std::optional<at::Tensor>& grad_scale,
-    const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef) {
+    const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef,
+    std::optional<at::TensorList> kahan_comps, at::OptionalIntArrayRef sr_keys) {
   check_lr_tensor("dldna_fused::fused_adam_lowbit_", lr, at::kCPU);
   fused_adam_lowbit_cpu(params, grads, exp_avgs, exp_avg_absmaxes, exp_avg_sqs, exp_avg_sq_absmaxes,
                         state_steps, lr.item<double>(), beta1, beta2, weight_decay, eps, maximize,
-                        decoupled_weight_decay, bits, block_size, grad_scale, found_inf, clip_coef);
+                        decoupled_weight_decay, bits, block_size, grad_scale, found_inf, clip_coef,
+                        kahan_comps, sr_keys);
 }
 
 void fused_lion_lowbit_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -293,26 +304,30 @@ void fused_lion_lowbit_cpu(at::TensorList params, at::TensorList grads, at::Tens
                            int64_t bits, int64_t block_size,
                            const std::optional<at::Tensor>& grad_scale,
                            const std::optional<at::Tensor>& found_inf,
-                           const std::optional<at::Tensor>& clip_coef) {
+                           const std::optional<at::Tensor>& clip_coef,
+                           std::optional<at::TensorList> kahan_comps, at::OptionalIntArrayRef sr_keys) {
   const at::ScalarType dtype = check_lion_lowbit_args(params, grads, exp_avgs, exp_avg_absmaxes, state_steps, lr,
                                                       beta1, beta2, weight_decay, bits, block_size, grad_scale,
                                                       found_inf);
+  const RoundMode mode = check_param_writes("dldna_fused::fused_lion_lowbit_", params, kahan_comps, sr_keys);
   if (skip_step("dldna_fused::fused_lion_lowbit_", params, grad_scale, found_inf, clip_coef)) {
     return;
   }
   const bool store_grads = grad_scale.has_value();
-  DenseLayout layout = param_layout(params, grads, store_grads);
+  DenseLayout layout = param_layout(params, grads, store_grads, mode, kahan_comps);
   const size_t n = params.size();
   std::vector<cpu::LowbitTensorArgs> args(n);
   for (size_t i = 0; i < n; ++i) {
-    *state_steps[i].data_ptr<float>() += 1.f;
+    float* step = state_steps[i].data_ptr<float>();
+    *step += 1.f;
     args[i] = {layout.get(0, i).data_ptr(),
                cpu::grad_pointer(layout.get(1, i), store_grads),
                {exp_avgs[i].data_ptr<uint8_t>(), exp_avg_absmaxes[i].data_ptr<float>()},
                {nullptr, nullptr},
-               {}};
+               {},
+               cpu::param_write(layout, 2, mode, sr_keys, i, *step)};
   }
-  cpu::LowbitLaunch launch = make_launch(dtype, bits, block_size, args, grad_scale);
+  cpu::LowbitLaunch launch = make_launch(dtype, bits, block_size, args, grad_scale, mode);
   launch.lion = lion_coefficients(lr, beta1, beta2, weight_decay,
                                   cpu::gradient_factor(grad_scale, clip_coef), maximize);
   cpu::parallel_over_chunks(cpu::make_chunks(params), cpu::cpu_kernels().lion_lowbit, launch);

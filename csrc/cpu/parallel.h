@@ -9,6 +9,7 @@
 #include <optional>
 #include <vector>
 
+#include "common/checks.h"
 #include "cpu/kernel_table.h"
 
 namespace dldna_fused::cpu {
@@ -34,6 +35,19 @@ inline float unscale_factor(const std::optional<at::Tensor>& grad_scale) {
 // a copy-on-write grad unmaterialized.
 inline void* grad_pointer(const at::Tensor& grad, bool store_grads) {
   return store_grads ? grad.data_ptr() : const_cast<void*>(grad.const_data_ptr());
+}
+
+// How tensor i's param is written: its compensation (list k of `layout`) under Kahan summation,
+// its salt (from its key and its step count after this step's increment) under stochastic rounding.
+inline ParamWrite param_write(const DenseLayout& layout, size_t k, RoundMode mode,
+                              at::OptionalIntArrayRef sr_keys, size_t i, float step) {
+  ParamWrite write;
+  if (mode == RoundMode::Kahan) {
+    write.comp = layout.get(k, i).data_ptr();
+  } else if (mode == RoundMode::Stochastic) {
+    write.salt = rounding_salt((*sr_keys)[i], step);
+  }
+  return write;
 }
 
 // Chunks covering every element of each tensor; zero-size tensors get none.

@@ -18,6 +18,7 @@
 #include "common/adafactor_args.h"
 #include "common/adafactor_gpu_plan.h"
 #include "common/adafactor_math.h"
+#include "cuda/param_write.cuh"
 #include "cuda/unscaled_grads.h"
 
 namespace dldna_fused::cuda {
@@ -39,6 +40,8 @@ struct TensorDesc {
   int64_t rows;  // 0 when unfactored
   int64_t cols;
   AdafactorGpuTensor plan;
+  void* comp;   // Kahan summation: the param's compensation ([Note: bf16 param writes])
+  int64_t key;  // stochastic rounding: the param's key
 };
 
 // The launches' first block per tensor (n + 1 entries each), in one device buffer.
@@ -70,6 +73,7 @@ struct Args {
   float eps1;
   const float* grad_scale;  // the divisor (grad_scale / clip_coef), or nullptr
   const float* found_inf;
+  RoundMode round_mode;
 };
 
 __device__ __forceinline__ bool skipped(const Args& a) {
@@ -180,6 +184,15 @@ struct RowContext {
   __device__ AdafactorDecay decay(const Args& a) const {
     return adafactor_decay(a.options, static_cast<double>(*t.step) + 1.0);
   }
+  // How p is read (the passes before finalize_scale_kernel) and, in apply_kernel, after the
+  // counters advanced, written.
+  __device__ DeviceParamWrite write(const Args& a) const {
+    DeviceParamWrite w{a.round_mode, t.comp, 0};
+    if (a.round_mode == RoundMode::Stochastic) {
+      w.salt = rounding_salt(t.key, *t.step);
+    }
+    return w;
+  }
 };
 
 // 1 / sqrt(R / mean(R)) of a global row (one-row matrices: their row is their mean).
@@ -198,6 +211,7 @@ __global__ void __launch_bounds__(kThreads) row_pass_kernel(const Args a) {
   const RowContext<P> ctx(a);
   const auto& [rb, t, inv, grad, param] = ctx;
   const AdafactorDecay decay = ctx.decay(a);
+  const DeviceParamWrite w = ctx.write(a);
   float p2 = 0.f;
   float segment_sum = 0.f;
   for_owned_rows(t, rb, [&](int64_t row, int64_t first, int64_t stride, int64_t end, bool warp) {
@@ -205,7 +219,7 @@ __global__ void __launch_bounds__(kThreads) row_pass_kernel(const Args a) {
     float sum = 0.f;
     for (int64_t c = first; c < end; c += stride) {
       sum += adafactor_g2(static_cast<float>(grad[offset + c]) * inv, a.eps1);
-      const float p = static_cast<float>(param[offset + c]);
+      const float p = load_param(param, w, offset + c);
       p2 += p * p;
     }
     if (t.plan.segments > 0) {
@@ -394,6 +408,7 @@ __global__ void __launch_bounds__(kThreads) unfactored_pass_kernel(const Args a)
   const RowContext<P> ctx(a);
   const auto& [rb, t, inv, grad, param] = ctx;
   const AdafactorDecay decay = ctx.decay(a);
+  const DeviceParamWrite w = ctx.write(a);
   float p2 = 0.f, u2 = 0.f;
   for (int64_t e = rb.begin + threadIdx.x; e < rb.end; e += kThreads) {
     const float g = static_cast<float>(grad[e]) * inv;
@@ -401,7 +416,7 @@ __global__ void __launch_bounds__(kThreads) unfactored_pass_kernel(const Args a)
     t.sq[e] = v;
     const float update = g * (1.f / sqrtf(v));
     u2 += update * update;
-    const float p = static_cast<float>(param[e]);
+    const float p = load_param(param, w, e);
     p2 += p * p;
   }
   const double p2_total = block_sum(p2);
@@ -484,11 +499,12 @@ __global__ void __launch_bounds__(kThreads) apply_kernel(const Args a) {
   const RowContext<P> ctx(a);
   const auto& [rb, t, inv, grad, param] = ctx;
   const AdafactorApply c = adafactor_apply_constants(a.options, a.ws.alpha[rb.tensor], a.ws.scale[rb.tensor]);
+  const DeviceParamWrite w = ctx.write(a);
   auto apply_at = [&](int64_t e, float update) {
-    float p = static_cast<float>(param[e]);
+    float p = load_param(param, w, e);
     float m = c.use_first_moment ? t.exp_avg[e] : 0.f;
     adafactor_apply(p, update, m, c);
-    param[e] = static_cast<P>(p);
+    store_param(param, w, e, p);
     if (c.use_first_moment) {
       t.exp_avg[e] = m;
     }
@@ -548,19 +564,23 @@ void fused_adafactor_cuda(at::TensorList params, at::TensorList grads,
                           bool relative_step, bool warmup_init,
                           const std::optional<at::Tensor>& grad_scale,
                           const std::optional<at::Tensor>& found_inf,
-                          const std::optional<at::Tensor>& clip_coef) {
+                          const std::optional<at::Tensor>& clip_coef,
+                          std::optional<at::TensorList> kahan_comps, at::OptionalIntArrayRef sr_keys) {
   const AdafactorCall call = check_adafactor_call(
       params, grads, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_sqs, exp_avgs, rms, state_steps, lr,
       eps1, eps2, clip_threshold, decay_rate, beta1, weight_decay, scale_parameter, relative_step,
       warmup_init, grad_scale, found_inf);
+  const RoundMode mode = check_param_writes("dldna_fused::fused_adafactor_", params, kahan_comps, sr_keys);
   const AdafactorOptions& o = call.options;
   if (params.empty()) {
     return;
   }
   const c10::cuda::CUDAGuard guard(params[0].device());
   const size_t n = params.size();
-  DenseLayout layout({params, grads, exp_avgs, exp_avg_sqs}, {true, false, true, true},
-                     /*contiguous=*/call.factored);
+  // Rounding other than to nearest numbers elements in row-major order ([Note: bf16 param writes]).
+  DenseLayout layout({params, grads, exp_avgs, exp_avg_sqs, comps_or_none(mode, kahan_comps)},
+                     {true, false, true, true, true},
+                     /*contiguous=*/call.factored || mode != RoundMode::Nearest);
   std::vector<AdafactorShape> shapes(n);
   for (size_t i = 0; i < n; ++i) {
     shapes[i] = adafactor_shape(params[i], call.factored);
@@ -578,6 +598,8 @@ void fused_adafactor_cuda(at::TensorList params, at::TensorList grads,
     t.step = state_steps[i].data_ptr<float>();
     t.numel = shapes[i].numel;
     t.plan = plan.tensors[i];
+    t.comp = mode == RoundMode::Kahan ? layout.get(4, i).data_ptr() : nullptr;
+    t.key = mode == RoundMode::Stochastic ? (*sr_keys)[i] : 0;
     if (call.factored) {
       t.row = exp_avg_sq_rows[i].data_ptr<float>();
       t.col = exp_avg_sq_cols[i].data_ptr<float>();
@@ -629,6 +651,7 @@ void fused_adafactor_cuda(at::TensorList params, at::TensorList grads,
   const std::optional<at::Tensor> divisor = gradient_divisor(grad_scale, clip_coef);
   args.grad_scale = divisor.has_value() ? divisor->const_data_ptr<float>() : nullptr;
   args.found_inf = found_inf.has_value() ? found_inf->const_data_ptr<float>() : nullptr;
+  args.round_mode = mode;
 
   switch (call.dtypes.param) {
     case at::kFloat:

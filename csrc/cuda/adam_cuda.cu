@@ -20,6 +20,7 @@ struct AdamDeviceArgs {
   DeviceHyperparameters h;
   const float* grad_scale;  // nullptr without GradScaler
   const float* found_inf;
+  RoundMode round_mode;     // [Note: bf16 param writes]
 };
 
 // P: param and grad storage, S: state storage; both computed in fp32.
@@ -49,8 +50,10 @@ struct AdamFunctor {
         a.grad_scale != nullptr ? 1.f / *a.grad_scale : 1.f, kAmsgrad, a.h.maximize,
         a.h.decoupled_weight_decay);
 
+    const DeviceParamWrite w = param_write(meta, tensor, a.round_mode);
     int64_t i = begin;
-    const bool aligned = is_pack_aligned<kIlp>(param + begin) && is_pack_aligned<kIlp>(grad + begin) &&
+    // The vector path writes to nearest; the other modes take the per-element one.
+    const bool aligned = a.round_mode == RoundMode::Nearest && is_pack_aligned<kIlp>(param + begin) && is_pack_aligned<kIlp>(grad + begin) &&
                          is_pack_aligned<kIlp>(exp_avg + begin) &&
                          is_pack_aligned<kIlp>(exp_avg_sq + begin) &&
                          (!kAmsgrad || is_pack_aligned<kIlp>(max_exp_avg_sq + begin));
@@ -79,14 +82,15 @@ struct AdamFunctor {
       }
       i = vector_end;
     }
-    // Unaligned chunks (views at odd offsets) and the tail: one element per thread, coalesced.
+    // Unaligned chunks (views at odd offsets), the tail, and stochastic or Kahan writes: one
+    // element per thread, coalesced.
     for (int64_t j = i + threadIdx.x; j < end; j += blockDim.x) {
-      float p = static_cast<float>(param[j]);
+      float p = load_param(param, w, j);
       float m = static_cast<float>(exp_avg[j]);
       float v = static_cast<float>(exp_avg_sq[j]);
       float v_max = kAmsgrad ? static_cast<float>(max_exp_avg_sq[j]) : 0.f;
       adam_update(p, static_cast<float>(grad[j]), m, v, v_max, c);
-      param[j] = static_cast<P>(p);
+      store_param(param, w, j, p);
       exp_avg[j] = static_cast<S>(m);
       exp_avg_sq[j] = static_cast<S>(v);
       if constexpr (kAmsgrad) {
@@ -98,11 +102,12 @@ struct AdamFunctor {
 
 template <typename P, typename S>
 void launch_adam(const std::vector<std::vector<at::Tensor>>& lists,
-                 const std::vector<at::Tensor>& steps, bool amsgrad, const AdamDeviceArgs& args) {
+                 const std::vector<at::Tensor>& steps, const ParamWriteLists& writes, bool amsgrad,
+                 const AdamDeviceArgs& args) {
   if (amsgrad) {
-    multi_tensor_apply<5>(lists, steps, AdamFunctor<P, S, true>{}, args);
+    multi_tensor_apply_writes<5>(lists, steps, writes, AdamFunctor<P, S, true>{}, args);
   } else {
-    multi_tensor_apply<4>(lists, steps, AdamFunctor<P, S, false>{}, args);
+    multi_tensor_apply_writes<4>(lists, steps, writes, AdamFunctor<P, S, false>{}, args);
   }
 }
 
@@ -112,10 +117,13 @@ void fused_adam_cuda_impl(at::TensorList params, at::TensorList grads, at::Tenso
                           const AdamHyperparameters& hp,
                           const std::optional<at::Tensor>& grad_scale,
                           const std::optional<at::Tensor>& found_inf,
-                          const std::optional<at::Tensor>& clip_coef) {
+                          const std::optional<at::Tensor>& clip_coef,
+                          const std::optional<at::TensorList>& kahan_comps,
+                          at::OptionalIntArrayRef sr_keys) {
   constexpr const char* op = "dldna_fused::fused_adam_";
   const CallDtypes dtypes = check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
                                             state_steps, hp, grad_scale, found_inf);
+  const RoundMode mode = check_param_writes(op, params, kahan_comps, sr_keys);
   if (params.empty()) {
     return;
   }
@@ -127,30 +135,35 @@ void fused_adam_cuda_impl(at::TensorList params, at::TensorList grads, at::Tenso
   const std::optional<at::Tensor> divisor = gradient_divisor(grad_scale, clip_coef);
   args.grad_scale = divisor.has_value() ? divisor->const_data_ptr<float>() : nullptr;
   args.found_inf = found_inf.has_value() ? found_inf->const_data_ptr<float>() : nullptr;
+  args.round_mode = mode;
 
   std::vector<at::TensorList> originals{params, grads, exp_avgs, exp_avg_sqs};
   if (hp.amsgrad) {
     originals.push_back(max_exp_avg_sqs);
   }
+  const size_t depth = originals.size();
+  originals.push_back(comps_or_none(mode, kahan_comps));
   std::vector<bool> written(originals.size(), true);
   written[1] = false;  // grads are read only
-  DenseLayout layout(originals, written);
+  // Rounding other than to nearest numbers elements in row-major order ([Note: bf16 param writes]).
+  DenseLayout layout(originals, written, mode != RoundMode::Nearest);
   std::vector<std::vector<at::Tensor>> lists;
-  for (size_t k = 0; k < originals.size(); ++k) {
+  for (size_t k = 0; k < depth; ++k) {
     lists.push_back(layout.list(k));
   }
+  const ParamWriteLists writes = param_write_lists(layout, depth, mode, sr_keys);
   const std::vector<at::Tensor> steps(state_steps.begin(), state_steps.end());
 
   const auto p = dtypes.param;
   const bool fp32_state = dtypes.state == at::kFloat;
   if (p == at::kFloat) {
-    launch_adam<float, float>(lists, steps, hp.amsgrad, args);
+    launch_adam<float, float>(lists, steps, writes, hp.amsgrad, args);
   } else if (p == at::kBFloat16) {
-    fp32_state ? launch_adam<c10::BFloat16, float>(lists, steps, hp.amsgrad, args)
-               : launch_adam<c10::BFloat16, c10::BFloat16>(lists, steps, hp.amsgrad, args);
+    fp32_state ? launch_adam<c10::BFloat16, float>(lists, steps, writes, hp.amsgrad, args)
+               : launch_adam<c10::BFloat16, c10::BFloat16>(lists, steps, writes, hp.amsgrad, args);
   } else {
-    fp32_state ? launch_adam<c10::Half, float>(lists, steps, hp.amsgrad, args)
-               : launch_adam<c10::Half, c10::Half>(lists, steps, hp.amsgrad, args);
+    fp32_state ? launch_adam<c10::Half, float>(lists, steps, writes, hp.amsgrad, args)
+               : launch_adam<c10::Half, c10::Half>(lists, steps, writes, hp.amsgrad, args);
   }
   increment_state_steps(steps, args.found_inf);
   layout.copy_back();
@@ -163,11 +176,12 @@ void fused_adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                      double weight_decay, double eps, bool amsgrad, bool maximize,
                      bool decoupled_weight_decay, const std::optional<at::Tensor>& grad_scale,
                      const std::optional<at::Tensor>& found_inf,
-                     const std::optional<at::Tensor>& clip_coef) {
+                     const std::optional<at::Tensor>& clip_coef,
+                     std::optional<at::TensorList> kahan_comps, at::OptionalIntArrayRef sr_keys) {
   fused_adam_cuda_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr,
                        nullptr,
                        {beta1, beta2, weight_decay, eps, amsgrad, maximize, decoupled_weight_decay},
-                       grad_scale, found_inf, clip_coef);
+                       grad_scale, found_inf, clip_coef, kahan_comps, sr_keys);
 }
 
 void fused_adam_cuda_tensor_lr(at::TensorList params, at::TensorList grads,
@@ -178,10 +192,12 @@ void fused_adam_cuda_tensor_lr(at::TensorList params, at::TensorList grads,
                                bool decoupled_weight_decay,
                                const std::optional<at::Tensor>& grad_scale,
                                const std::optional<at::Tensor>& found_inf,
-                               const std::optional<at::Tensor>& clip_coef) {
+                               const std::optional<at::Tensor>& clip_coef,
+                               std::optional<at::TensorList> kahan_comps,
+                               at::OptionalIntArrayRef sr_keys) {
   fused_adam_cuda_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, 0.0, &lr,
                        {beta1, beta2, weight_decay, eps, amsgrad, maximize, decoupled_weight_decay},
-                       grad_scale, found_inf, clip_coef);
+                       grad_scale, found_inf, clip_coef, kahan_comps, sr_keys);
 }
 
 }  // namespace

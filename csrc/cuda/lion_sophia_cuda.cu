@@ -22,6 +22,7 @@ struct DeviceArgs {
   Coefficients coefficients;
   const float* grad_scale;  // nullptr without GradScaler
   const float* found_inf;
+  RoundMode round_mode = RoundMode::Nearest;  // [Note: bf16 param writes]
 };
 
 template <typename Coefficients>
@@ -65,9 +66,11 @@ struct LionFunctor {
     auto* param = static_cast<P*>(meta.addresses[0][chunk.tensor]);
     const auto* grad = static_cast<const P*>(meta.addresses[1][chunk.tensor]);
     auto* exp_avg = static_cast<S*>(meta.addresses[2][chunk.tensor]);
+    const DeviceParamWrite w = param_write(meta, chunk.tensor, a.round_mode);
     int64_t i = chunk.begin;
-    if (is_pack_aligned<kIlp>(param + i) && is_pack_aligned<kIlp>(grad + i) &&
-        is_pack_aligned<kIlp>(exp_avg + i)) {
+    // The vector path writes to nearest; the other modes take the per-element one.
+    if (a.round_mode == RoundMode::Nearest && is_pack_aligned<kIlp>(param + i) &&
+        is_pack_aligned<kIlp>(grad + i) && is_pack_aligned<kIlp>(exp_avg + i)) {
       const int64_t vector_end = i + (chunk.end - i) / kIlp * kIlp;
       for (int64_t j = i + static_cast<int64_t>(threadIdx.x) * kIlp; j < vector_end;
            j += static_cast<int64_t>(blockDim.x) * kIlp) {
@@ -85,10 +88,10 @@ struct LionFunctor {
       i = vector_end;
     }
     for (int64_t j = i + threadIdx.x; j < chunk.end; j += blockDim.x) {
-      float p = static_cast<float>(param[j]);
+      float p = load_param(param, w, j);
       float m = static_cast<float>(exp_avg[j]);
       lion_update(p, static_cast<float>(grad[j]), m, c);
-      param[j] = static_cast<P>(p);
+      store_param(param, w, j, p);
       exp_avg[j] = static_cast<S>(m);
     }
   }
@@ -137,10 +140,12 @@ struct SophiaFunctor {
     const auto* grad = static_cast<const P*>(meta.addresses[1][chunk.tensor]);
     auto* exp_avg = static_cast<S*>(meta.addresses[2][chunk.tensor]);
     const auto* hessian = static_cast<const S*>(meta.addresses[3][chunk.tensor]);
+    const DeviceParamWrite w = param_write(meta, chunk.tensor, a.base.round_mode);
     unsigned long long unclipped = 0;
     int64_t i = chunk.begin;
-    if (is_pack_aligned<kIlp>(param + i) && is_pack_aligned<kIlp>(grad + i) &&
-        is_pack_aligned<kIlp>(exp_avg + i) && is_pack_aligned<kIlp>(hessian + i)) {
+    if (a.base.round_mode == RoundMode::Nearest && is_pack_aligned<kIlp>(param + i) &&
+        is_pack_aligned<kIlp>(grad + i) && is_pack_aligned<kIlp>(exp_avg + i) &&
+        is_pack_aligned<kIlp>(hessian + i)) {
       const int64_t vector_end = i + (chunk.end - i) / kIlp * kIlp;
       for (int64_t j = i + static_cast<int64_t>(threadIdx.x) * kIlp; j < vector_end;
            j += static_cast<int64_t>(blockDim.x) * kIlp) {
@@ -159,11 +164,11 @@ struct SophiaFunctor {
       i = vector_end;
     }
     for (int64_t j = i + threadIdx.x; j < chunk.end; j += blockDim.x) {
-      float p = static_cast<float>(param[j]);
+      float p = load_param(param, w, j);
       float m = static_cast<float>(exp_avg[j]);
       unclipped += sophia_update(p, static_cast<float>(grad[j]), m,
                                  static_cast<float>(hessian[j]), c) < 1.f;
-      param[j] = static_cast<P>(p);
+      store_param(param, w, j, p);
       exp_avg[j] = static_cast<S>(m);
     }
     if (a.unclipped != nullptr) {
@@ -243,22 +248,27 @@ void fused_lion_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                      double weight_decay, bool maximize,
                      const std::optional<at::Tensor>& grad_scale,
                      const std::optional<at::Tensor>& found_inf,
-                     const std::optional<at::Tensor>& clip_coef) {
+                     const std::optional<at::Tensor>& clip_coef,
+                     std::optional<at::TensorList> kahan_comps, at::OptionalIntArrayRef sr_keys) {
   const CallDtypes dtypes = check_lion_args(params, grads, exp_avgs, state_steps, lr, beta1, beta2,
                                             weight_decay, grad_scale, found_inf);
+  const RoundMode mode = check_param_writes("dldna_fused::fused_lion_", params, kahan_comps, sr_keys);
   if (params.empty()) {
     return;
   }
   check_clip_coef("dldna_fused::fused_lion_", clip_coef, params[0].device());
   const c10::cuda::CUDAGuard device_guard(params[0].device());
-  DenseLayout layout({params, grads, exp_avgs}, {true, false, true});
+  DenseLayout layout({params, grads, exp_avgs, comps_or_none(mode, kahan_comps)}, {true, false, true, true},
+                     mode != RoundMode::Nearest);
   const std::optional<at::Tensor> divisor = gradient_divisor(grad_scale, clip_coef);
   const DeviceArgs<LionCoefficients> args{
       lion_coefficients(lr, beta1, beta2, weight_decay, 1.f, maximize), optional_ptr(divisor),
-      optional_ptr(found_inf)};
+      optional_ptr(found_inf), mode};
   const auto lists = dense_lists(layout, 3);
+  const std::vector<at::Tensor> steps(state_steps.begin(), state_steps.end());  // read for the salt
+  const ParamWriteLists writes = param_write_lists(layout, 3, mode, sr_keys);
   dispatch_param_state(dtypes, [&](auto p_tag, auto s_tag) {
-    multi_tensor_apply<3>(lists, {}, LionFunctor<decltype(p_tag), decltype(s_tag)>{}, args);
+    multi_tensor_apply_writes<3>(lists, steps, writes, LionFunctor<decltype(p_tag), decltype(s_tag)>{}, args);
   });
   increment_state_steps(std::vector<at::Tensor>(state_steps.begin(), state_steps.end()),
                         args.found_inf);
@@ -272,27 +282,32 @@ void fused_sophia_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
                        const std::optional<at::Tensor>& grad_scale,
                        const std::optional<at::Tensor>& found_inf,
                        const std::optional<at::Tensor>& unclipped,
-                       const std::optional<at::Tensor>& clip_coef) {
+                       const std::optional<at::Tensor>& clip_coef,
+                       std::optional<at::TensorList> kahan_comps, at::OptionalIntArrayRef sr_keys) {
   const CallDtypes dtypes =
       check_sophia_args(params, grads, exp_avgs, hessians, state_steps, lr, beta1, rho, bs,
                         weight_decay, grad_scale, found_inf, unclipped);
+  const RoundMode mode = check_param_writes("dldna_fused::fused_sophia_", params, kahan_comps, sr_keys);
   if (params.empty()) {
     return;
   }
   check_clip_coef("dldna_fused::fused_sophia_", clip_coef, params[0].device());
   const c10::cuda::CUDAGuard device_guard(params[0].device());
-  DenseLayout layout({params, grads, exp_avgs, hessians}, {true, false, true, false});
+  DenseLayout layout({params, grads, exp_avgs, hessians, comps_or_none(mode, kahan_comps)},
+                     {true, false, true, false, true}, mode != RoundMode::Nearest);
   const std::optional<at::Tensor> divisor = gradient_divisor(grad_scale, clip_coef);
   // int64 and unsigned long long share a representation, so atomicAdd of counts is exact.
   const SophiaDeviceArgs args{
       {sophia_coefficients(lr, beta1, rho, bs, weight_decay, 1.f, maximize),
-       optional_ptr(divisor), optional_ptr(found_inf)},
+       optional_ptr(divisor), optional_ptr(found_inf), mode},
       unclipped.has_value()
           ? reinterpret_cast<unsigned long long*>(unclipped->data_ptr<int64_t>())
           : nullptr};
   const auto lists = dense_lists(layout, 4);
+  const std::vector<at::Tensor> steps(state_steps.begin(), state_steps.end());  // read for the salt
+  const ParamWriteLists writes = param_write_lists(layout, 4, mode, sr_keys);
   dispatch_param_state(dtypes, [&](auto p_tag, auto s_tag) {
-    multi_tensor_apply<4>(lists, {}, SophiaFunctor<decltype(p_tag), decltype(s_tag)>{}, args);
+    multi_tensor_apply_writes<4>(lists, steps, writes, SophiaFunctor<decltype(p_tag), decltype(s_tag)>{}, args);
   });
   increment_state_steps(std::vector<at::Tensor>(state_steps.begin(), state_steps.end()),
                         args.base.found_inf);

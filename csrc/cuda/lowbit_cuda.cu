@@ -154,6 +154,7 @@ struct LowbitDeviceArgs {
   const float* found_inf;
   int exp_avg_map;     // index into kMaps
   int exp_avg_sq_map;  // Adam only
+  RoundMode round_mode;  // [Note: bf16 param writes]
 };
 
 // kDepth 6 (Adam: p, g, m codes, m absmax, v codes, v absmax) or 4 (Lion: p, g, m codes, absmax).
@@ -179,6 +180,7 @@ struct LowbitFunctor {
     uint8_t* v_codes = kDepth == 6 ? static_cast<uint8_t*>(meta.addresses[4][tensor]) : nullptr;
     float* v_absmax = kDepth == 6 ? static_cast<float*>(meta.addresses[5][tensor]) : nullptr;
     const float factor = a.grad_scale != nullptr ? 1.f / *a.grad_scale : 1.f;
+    const DeviceParamWrite w = param_write(meta, tensor, a.round_mode);
     const DeviceHyperparameters& h = a.h;
     AdamCoefficients adam{};
     LionCoefficients lion{};
@@ -193,7 +195,7 @@ struct LowbitFunctor {
     const int lane = threadIdx.x % 32;
     // The new p, m, v of element i: the same arithmetic in both passes.
     auto update = [&](int64_t i, float m_scale, float v_scale, float& p, float& m, float& v) {
-      p = static_cast<float>(param[i]);
+      p = load_param(param, w, i);
       m = m_map.values[read_code(m_codes, a.bits, i)] * m_scale;
       const float g = static_cast<float>(grad[i]);
       if (a.lion) {
@@ -234,7 +236,7 @@ struct LowbitFunctor {
           }
         }
         for (int k = 0; k < 1 + second; ++k) {
-          param[i + k] = static_cast<P>(p_new[k]);
+          store_param(param, w, i + k, p_new[k]);
         }
         write_codes(m_codes, a.bits, i, second, m_code[0], m_code[1]);
         if constexpr (kDepth == 6) {
@@ -253,13 +255,14 @@ struct LowbitFunctor {
 
 template <int kDepth>
 void launch_lowbit(at::ScalarType dtype, const std::vector<std::vector<at::Tensor>>& lists,
-                   const std::vector<at::Tensor>& steps, const LowbitDeviceArgs& args) {
+                   const std::vector<at::Tensor>& steps, const ParamWriteLists& writes,
+                   const LowbitDeviceArgs& args) {
   if (dtype == at::kFloat) {
-    multi_tensor_apply<kDepth>(lists, steps, LowbitFunctor<float, kDepth>{}, args);
+    multi_tensor_apply_writes<kDepth>(lists, steps, writes, LowbitFunctor<float, kDepth>{}, args);
   } else if (dtype == at::kBFloat16) {
-    multi_tensor_apply<kDepth>(lists, steps, LowbitFunctor<c10::BFloat16, kDepth>{}, args);
+    multi_tensor_apply_writes<kDepth>(lists, steps, writes, LowbitFunctor<c10::BFloat16, kDepth>{}, args);
   } else {
-    multi_tensor_apply<kDepth>(lists, steps, LowbitFunctor<c10::Half, kDepth>{}, args);
+    multi_tensor_apply_writes<kDepth>(lists, steps, writes, LowbitFunctor<c10::Half, kDepth>{}, args);
   }
 }
 
@@ -267,22 +270,26 @@ void launch_lowbit(at::ScalarType dtype, const std::vector<std::vector<at::Tenso
 void run_lowbit(const char* op, at::ScalarType dtype, at::TensorList params, at::TensorList grads,
                 const std::vector<at::TensorList>& states, at::TensorList state_steps,
                 LowbitDeviceArgs& args, const std::optional<at::Tensor>& grad_scale,
-                const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef) {
+                const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef,
+                RoundMode mode, const std::optional<at::TensorList>& kahan_comps,
+                at::OptionalIntArrayRef sr_keys) {
   check_clip_coef(op, clip_coef, params[0].device());
+  args.round_mode = mode;
   upload_maps();
   const std::optional<at::Tensor> divisor = gradient_divisor(grad_scale, clip_coef);
   args.grad_scale = divisor.has_value() ? divisor->const_data_ptr<float>() : nullptr;
   args.found_inf = found_inf.has_value() ? found_inf->const_data_ptr<float>() : nullptr;
-  DenseLayout layout({params, grads}, {true, false}, /*contiguous=*/true);
+  DenseLayout layout({params, grads, comps_or_none(mode, kahan_comps)}, {true, false, true}, /*contiguous=*/true);
+  const ParamWriteLists writes = param_write_lists(layout, 2, mode, sr_keys);
   std::vector<std::vector<at::Tensor>> lists{layout.list(0), layout.list(1)};
   for (const at::TensorList& state : states) {
     lists.emplace_back(state.begin(), state.end());
   }
   const std::vector<at::Tensor> steps(state_steps.begin(), state_steps.end());
   if (lists.size() == 6) {
-    launch_lowbit<6>(dtype, lists, steps, args);
+    launch_lowbit<6>(dtype, lists, steps, writes, args);
   } else {
-    launch_lowbit<4>(dtype, lists, steps, args);
+    launch_lowbit<4>(dtype, lists, steps, writes, args);
   }
   increment_state_steps(steps, args.found_inf);
   layout.copy_back();
@@ -296,11 +303,14 @@ void fused_adam_lowbit_cuda_impl(at::TensorList params, at::TensorList grads, at
                                  int64_t bits, int64_t block_size,
                                  const std::optional<at::Tensor>& grad_scale,
                                  const std::optional<at::Tensor>& found_inf,
-                                 const std::optional<at::Tensor>& clip_coef) {
+                                 const std::optional<at::Tensor>& clip_coef,
+                                 const std::optional<at::TensorList>& kahan_comps,
+                                 at::OptionalIntArrayRef sr_keys) {
   constexpr const char* op = "dldna_fused::fused_adam_lowbit_";
   const at::ScalarType dtype =
       check_adam_lowbit_args(params, grads, exp_avgs, exp_avg_absmaxes, exp_avg_sqs, exp_avg_sq_absmaxes,
                              state_steps, hp, bits, block_size, grad_scale, found_inf);
+  const RoundMode mode = check_param_writes(op, params, kahan_comps, sr_keys);
   if (params.empty()) {
     return;
   }
@@ -313,7 +323,7 @@ void fused_adam_lowbit_cuda_impl(at::TensorList params, at::TensorList grads, at
   args.exp_avg_map = map_index(bits, true);
   args.exp_avg_sq_map = map_index(bits, false);
   run_lowbit(op, dtype, params, grads, {exp_avgs, exp_avg_absmaxes, exp_avg_sqs, exp_avg_sq_absmaxes},
-             state_steps, args, grad_scale, found_inf, clip_coef);
+             state_steps, args, grad_scale, found_inf, clip_coef, mode, kahan_comps, sr_keys);
 }
 
 void fused_adam_lowbit_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -323,11 +333,12 @@ void fused_adam_lowbit_cuda(at::TensorList params, at::TensorList grads, at::Ten
                             bool decoupled_weight_decay, int64_t bits, int64_t block_size,
                             const std::optional<at::Tensor>& grad_scale,
                             const std::optional<at::Tensor>& found_inf,
-                            const std::optional<at::Tensor>& clip_coef) {
+                            const std::optional<at::Tensor>& clip_coef,
+                            std::optional<at::TensorList> kahan_comps, at::OptionalIntArrayRef sr_keys) {
   fused_adam_lowbit_cuda_impl(params, grads, exp_avgs, exp_avg_absmaxes, exp_avg_sqs, exp_avg_sq_absmaxes,
                               state_steps, lr, nullptr,
                               {beta1, beta2, weight_decay, eps, false, maximize, decoupled_weight_decay},
-                              bits, block_size, grad_scale, found_inf, clip_coef);
+                              bits, block_size, grad_scale, found_inf, clip_coef, kahan_comps, sr_keys);
 }
 
 void fused_adam_lowbit_cuda_tensor_lr(
@@ -336,11 +347,12 @@ void fused_adam_lowbit_cuda_tensor_lr(
     const at::Tensor& lr, double beta1, double beta2, double weight_decay, double eps, bool maximize,
     bool decoupled_weight_decay, int64_t bits, int64_t block_size,
     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-    const std::optional<at::Tensor>& clip_coef) {
+    const std::optional<at::Tensor>& clip_coef, std::optional<at::TensorList> kahan_comps,
+    at::OptionalIntArrayRef sr_keys) {
   fused_adam_lowbit_cuda_impl(params, grads, exp_avgs, exp_avg_absmaxes, exp_avg_sqs, exp_avg_sq_absmaxes,
                               state_steps, 0.0, &lr,
                               {beta1, beta2, weight_decay, eps, false, maximize, decoupled_weight_decay},
-                              bits, block_size, grad_scale, found_inf, clip_coef);
+                              bits, block_size, grad_scale, found_inf, clip_coef, kahan_comps, sr_keys);
 }
 
 void fused_lion_lowbit_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -348,11 +360,13 @@ void fused_lion_lowbit_cuda(at::TensorList params, at::TensorList grads, at::Ten
                             double beta1, double beta2, double weight_decay, bool maximize, int64_t bits,
                             int64_t block_size, const std::optional<at::Tensor>& grad_scale,
                             const std::optional<at::Tensor>& found_inf,
-                            const std::optional<at::Tensor>& clip_coef) {
+                            const std::optional<at::Tensor>& clip_coef,
+                            std::optional<at::TensorList> kahan_comps, at::OptionalIntArrayRef sr_keys) {
   constexpr const char* op = "dldna_fused::fused_lion_lowbit_";
   const at::ScalarType dtype = check_lion_lowbit_args(params, grads, exp_avgs, exp_avg_absmaxes, state_steps, lr,
                                                       beta1, beta2, weight_decay, bits, block_size, grad_scale,
                                                       found_inf);
+  const RoundMode mode = check_param_writes(op, params, kahan_comps, sr_keys);
   if (params.empty()) {
     return;
   }
@@ -364,7 +378,7 @@ void fused_lion_lowbit_cuda(at::TensorList params, at::TensorList grads, at::Ten
   args.block_size = block_size;
   args.exp_avg_map = map_index(bits, true);
   run_lowbit(op, dtype, params, grads, {exp_avgs, exp_avg_absmaxes}, state_steps, args, grad_scale,
-             found_inf, clip_coef);
+             found_inf, clip_coef, mode, kahan_comps, sr_keys);
 }
 
 // ---- quantize_blockwise / dequantize_blockwise: one warp per block -----------------------------

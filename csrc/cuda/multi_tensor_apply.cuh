@@ -10,8 +10,10 @@
 // take no block and no slot. Sizes and offsets are 64-bit, so tensors over 2^31 elements work.
 // CUDA 12.1 raised the kernel-argument limit from 4 KiB to 32764 bytes on every architecture CUDA
 // 13 supports. The tensor slots take what the block map and the functor's own arguments leave
-// (kFunctorArgBytes; none uses 200 bytes, so large tables go to constant memory instead): 543
-// tensors per Adam launch, so a 2000-tensor step takes 4 launches instead of 10.
+// (kFunctorArgBytes; none uses 200 bytes, so large tables go to constant memory instead): 407
+// tensors per Adam launch, so a 2000-tensor step takes 5 launches instead of 10. Each slot also
+// carries the tensor's Kahan compensation and stochastic-rounding key ([Note: bf16 param writes]
+// in common/rounding_math.h), unused (null, 0) by launches without them.
 // multi_tensor_apply checks the total at compile time.
 // The launcher never reads device memory on the host, so a step can be captured in a CUDA graph.
 
@@ -23,6 +25,9 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/checks.h"
+#include "common/rounding_math.h"
+#include "cuda/param_write.cuh"
 #include "cuda/unscaled_grads.h"
 
 static_assert(CUDA_VERSION >= 12010, "dldna_fused needs CUDA 12.1+ (32 KiB kernel arguments)");
@@ -38,13 +43,16 @@ constexpr int kFunctorArgBytes = 512;
 
 template <int kDepth>
 struct TensorListMetadata {
-  // The block map and block_offset, then one slot per tensor: kDepth addresses, numel, step.
+  // The block map and block_offset, then one slot per tensor: kDepth addresses, numel, step,
+  // compensation and key.
   static constexpr int kFixedBytes = kMaxBlocks * (sizeof(uint16_t) + sizeof(int32_t)) + sizeof(int64_t);
   static constexpr int kMaxTensors =
-      (kMaxKernelArgBytes - kFunctorArgBytes - kFixedBytes) / (8 * kDepth + 16);
+      (kMaxKernelArgBytes - kFunctorArgBytes - kFixedBytes) / (8 * kDepth + 32);
   void* addresses[kDepth][kMaxTensors];
   int64_t numel[kMaxTensors];
   float* state_steps[kMaxTensors];  // nullptr for optimizers without step counters
+  void* comps[kMaxTensors];         // the param's Kahan compensation, or nullptr
+  int64_t keys[kMaxTensors];        // the param's stochastic-rounding key, or 0
   uint16_t block_to_tensor[kMaxBlocks];
   int32_t block_to_chunk[kMaxBlocks];
   // Blocks of the same call in earlier launches: block_offset + blockIdx.x numbers the chunks of
@@ -60,11 +68,32 @@ __global__ void __launch_bounds__(kBlockSize)
   functor(metadata, args...);
 }
 
+// How the params of a launch are written: per tensor, its Kahan compensation or its
+// stochastic-rounding key (either list may be empty).
+struct ParamWriteLists {
+  std::vector<at::Tensor> comps;
+  std::vector<int64_t> keys;
+};
+
+// A launch's ParamWriteLists: the compensations (list k of `layout`) under Kahan summation, the
+// keys under stochastic rounding.
+inline ParamWriteLists param_write_lists(const DenseLayout& layout, size_t k, RoundMode mode,
+                                         at::OptionalIntArrayRef sr_keys) {
+  ParamWriteLists writes;
+  if (mode == RoundMode::Kahan) {
+    writes.comps = layout.list(k);
+  } else if (mode == RoundMode::Stochastic) {
+    writes.keys.assign(sr_keys->begin(), sr_keys->end());
+  }
+  return writes;
+}
+
 // Launches `functor(metadata, args...)` over every chunk of every tensor of `lists` (all lists the
 // same length, list k's tensors at metadata.addresses[k]). `state_steps` may be empty.
 template <int kDepth, typename Functor, typename... Args>
-void multi_tensor_apply(const std::vector<std::vector<at::Tensor>>& lists,
-                        const std::vector<at::Tensor>& state_steps, Functor functor, Args... args) {
+void multi_tensor_apply_writes(const std::vector<std::vector<at::Tensor>>& lists,
+                               const std::vector<at::Tensor>& state_steps, const ParamWriteLists& writes,
+                               Functor functor, Args... args) {
   TORCH_INTERNAL_ASSERT(lists.size() == kDepth);
   using Metadata = TensorListMetadata<kDepth>;
   static_assert(sizeof(Metadata) + sizeof(Functor) + (sizeof(Args) + ... + 0) <= kMaxKernelArgBytes,
@@ -94,6 +123,8 @@ void multi_tensor_apply(const std::vector<std::vector<at::Tensor>>& lists,
     }
     metadata.numel[tensors] = numel;
     metadata.state_steps[tensors] = state_steps.empty() ? nullptr : state_steps[i].data_ptr<float>();
+    metadata.comps[tensors] = writes.comps.empty() ? nullptr : writes.comps[i].data_ptr();
+    metadata.keys[tensors] = writes.keys.empty() ? 0 : writes.keys[i];
     ++tensors;
     const int64_t chunks = (numel + kChunkSize - 1) / kChunkSize;
     for (int64_t chunk = 0; chunk < chunks; ++chunk) {
@@ -117,11 +148,19 @@ void multi_tensor_apply(const std::vector<std::vector<at::Tensor>>& lists,
           }
           metadata.numel[0] = metadata.numel[tensors - 1];
           metadata.state_steps[0] = metadata.state_steps[tensors - 1];
+          metadata.comps[0] = metadata.comps[tensors - 1];
+          metadata.keys[0] = metadata.keys[tensors - 1];
           tensors = 1;
         }
       }
     }
   }
+}
+
+template <int kDepth, typename Functor, typename... Args>
+void multi_tensor_apply(const std::vector<std::vector<at::Tensor>>& lists,
+                        const std::vector<at::Tensor>& state_steps, Functor functor, Args... args) {
+  multi_tensor_apply_writes<kDepth>(lists, state_steps, ParamWriteLists{}, functor, args...);
 }
 
 // Adds 1 to every step counter unless *found_inf is nonzero. Run after the update kernels, which
@@ -172,6 +211,20 @@ __device__ __forceinline__ void store_ilp(T* dst, const float (&src)[kIlp]) {
     }
     *reinterpret_cast<Pack<T, kPack>*>(dst + j) = pack;
   }
+}
+
+// ---- Param writes ([Note: bf16 param writes] in common/rounding_math.h) --------------------------
+
+// Tensor `tensor`'s write: its salt is drawn from its key and its step count after this step
+// (the counters are incremented after the launch, so old + 1).
+template <int kDepth>
+__device__ __forceinline__ DeviceParamWrite param_write(const TensorListMetadata<kDepth>& meta, int tensor,
+                                                       RoundMode mode) {
+  DeviceParamWrite w{mode, meta.comps[tensor], 0};
+  if (mode == RoundMode::Stochastic) {
+    w.salt = rounding_salt(meta.keys[tensor], *meta.state_steps[tensor] + 1.f);
+  }
+  return w;
 }
 
 }  // namespace dldna_fused::cuda
