@@ -56,6 +56,7 @@ class Benchmark:
     implementations: dict  # name -> factory(params)
     pure_pytorch: tuple  # names that count as pure PyTorch (baseline candidates)
     baseline: str | None = None  # fixed baseline; None: the fastest pure-PyTorch row
+    dtype: str | None = None  # the params' dtype whatever --dtype says (the bf16 param writes)
 
 
 def _lion_pytorch():
@@ -124,6 +125,20 @@ def _lowbit(title: str, bytes_per_element: float, ours, fp32, peers: dict) -> Be
             **peers,
         },
         (), baseline="dldna_fused fp32")
+
+
+def _bf16_writes(title: str, bytes_per_element: float, make) -> Benchmark:
+    """One optimizer on bf16 params with each param write: round to nearest (the baseline),
+    stochastic rounding and Kahan summation."""
+    return Benchmark(
+        f"{title}: round to nearest, stochastic rounding, Kahan summation", "1x20000000,2000x2000",
+        bytes_per_element,
+        {
+            "round to nearest": make,
+            "stochastic rounding": lambda ps: make(ps, bf16_stochastic_round=True, seed=0),
+            "Kahan summation": lambda ps: make(ps, kahan_sum=True),
+        },
+        (), baseline="round to nearest", dtype="bfloat16")
 
 
 def benchmarks() -> dict:
@@ -209,6 +224,14 @@ def benchmarks() -> dict:
                 "torch fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
             },
             (), baseline="torch fused"),
+        # bf16 params written three ways ([Note: bf16 param writes] in csrc/common/rounding_math.h).
+        # The plain step with fp32 states moves p (2 + 2 bytes), g (2) and m, v (8 + 8): 11 bf16
+        # elements; Kahan summation also reads and writes the bf16 compensation, 2 more.
+        "adamw-bf16": _bf16_writes("AdamW step on bf16 params with fp32 states", 11,
+                                   lambda ps, **kw: optim.AdamW(ps, lr=1e-3, state_dtype=torch.float32, **kw)),
+        # With 8-bit states: p (4 bytes), g (2), the codes (1 + 1, read and written) and the absmax: 5.
+        "adamw8bit-bf16": _bf16_writes("AdamW8bit step on bf16 params", 5,
+                                       lambda ps, **kw: optim.AdamW8bit(ps, lr=1e-3, **kw)),
         "clip": Benchmark(
             "clip_grad_norm_ alone (max_norm 1.0)", "1x20000000,2000x2000", 3,
             {
@@ -445,9 +468,10 @@ def main(args: argparse.Namespace) -> int:
     for name in args.optimizer:
         bench = known[name]
         shapes = args.shapes or parse_shapes(bench.default_shapes)
-        result = run(bench, name, shapes, DTYPES[args.dtype], args.device, args.warmup, args.repeats,
+        dtype = bench.dtype or args.dtype
+        result = run(bench, name, shapes, DTYPES[dtype], args.device, args.warmup, args.repeats,
                      args.implementations, progress=not args.no_progress)
-        print(f"{bench.title}, {args.dtype}, {machine_description(args.device)}")
+        print(f"{bench.title}, {dtype}, {machine_description(args.device)}")
         print(format_table(result))
         if name in PEER_LIBRARIES:
             missing = [lib for lib in PEER_LIBRARIES[name] if lib not in bench.implementations]

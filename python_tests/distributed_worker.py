@@ -172,6 +172,36 @@ def run_fsdp_checkpoint(name, rank, world, folder: Path, offload=False):
             "restored": [full(p.detach()) for p in restored.parameters()]}
 
 
+# bf16 params written with Kahan summation or stochastic rounding ([Note: bf16 param writes]):
+# AdamW's sharded step runs the kernels on the local shards, AdaFactor's the torch-op path.
+WRITES = {"kahan": dict(kahan_sum=True), "stochastic": dict(bf16_stochastic_round=True, seed=5)}
+
+
+def train_bf16(model, opt, data):
+    for x, y in data:
+        opt.zero_grad()
+        F.cross_entropy(model(x.bfloat16()).float(), y).backward()
+        opt.step()
+
+
+def single_process_bf16(name: str, write: str):
+    cls, kwargs = ALL[name]
+    model = make_model().bfloat16()
+    opt = cls(model.parameters(), **kwargs, **WRITES[write])
+    train_bf16(model, opt, batches())
+    return model, opt
+
+
+def run_fsdp_bf16(name, write, rank, world):
+    cls, kwargs = ALL[name]
+    model = shard(make_model().bfloat16(), world)
+    opt = cls(model.parameters(), **kwargs, **WRITES[write])
+    train_bf16(model, opt, local_half(batches(), rank, world))
+    return {"params": [full(p.detach()) for p in model.parameters()],
+            "comps": [full(opt.state[p]["kahan_comp"]) if "kahan_comp" in opt.state[p] else None
+                      for p in model.parameters()]}
+
+
 def run_unused(rank, world):
     """Rank 1 skips fc2's bias on step 1 (a rank-dependent branch); DDP's averaged gradient still
     reaches it, so every rank steps it and the step counts agree."""
@@ -247,6 +277,9 @@ def worker(rank: int, world: int, folder: str):
             results[("checkpoint", name)] = run_fsdp_checkpoint(name, rank, world, Path(folder))
             results[("checkpoint-offload", name)] = run_fsdp_checkpoint(name, rank, world, Path(folder), offload=True)
         results[("unused", "adamw")] = run_unused(rank, world)
+        for name in ("adamw", "adafactor"):
+            for write in WRITES:
+                results[("fsdp-bf16", name, write)] = run_fsdp_bf16(name, write, rank, world)
         for mode in ("ddp", "fsdp", "fsdp-offload"):
             for folded in (False, True):
                 results[("clip", mode, folded)] = run_clipping(mode, folded, rank, world)

@@ -98,6 +98,29 @@ def test_a_rank_without_a_gradient_keeps_the_same_step_count(ranks):
     assert steps[0] == steps[1] == [3.0] * 4
 
 
+@pytest.mark.parametrize("write", list(worker.WRITES))
+@pytest.mark.parametrize("name", ["adamw", "adafactor"])
+def test_bf16_param_writes_under_fsdp(ranks, name, write):
+    """bf16 params under FSDP2 with Kahan summation (a compensation per local shard, the same
+    deterministic writes as a single process up to the reductions' order) and stochastic rounding
+    (each rank's shard draws its own bits, so the params agree with a single process only as
+    closely as two draws of the noise do)."""
+    model, opt = worker.single_process_bf16(name, write)
+    for rank, results in enumerate(ranks):
+        got = results[("fsdp-bf16", name, write)]
+        for i, (p, q) in enumerate(zip(got["params"], model.parameters())):
+            assert p.dtype == torch.bfloat16
+            assert relative(p, q.detach()) < (2e-2 if write == "kahan" else 5e-2), f"rank {rank} param {i}"
+            comp = got["comps"][i]
+            assert (comp is not None) == (write == "kahan"), f"rank {rank} param {i}"
+            if comp is not None:
+                # What each write lost, at most half a bf16 ulp (the grads themselves differ from
+                # the single process's by bf16 reductions, so p + c agrees only as p does).
+                assert bool((comp.float().abs() <= 2 ** -8 * p.float().abs() + 1e-30).all()), f"rank {rank} param {i}"
+                expected = q.detach().double() + opt.state[q]["kahan_comp"].double()
+                assert relative(p.double() + comp.double(), expected) < 2e-2, f"rank {rank} param {i}"
+
+
 @pytest.mark.parametrize("folded", [False, True], ids=["clip_grad_norm_", "max_grad_norm"])
 @pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp-offload"])
 def test_clipping_uses_the_global_norm_across_ranks(ranks, mode, folded):

@@ -9,6 +9,7 @@ from torch.optim import Optimizer
 
 from dldna_fused import _C, ops
 from dldna_fused._devices import scalar_to
+from dldna_fused._rounding import add_write_options
 from dldna_fused._distributed import to_local
 from dldna_fused.clip import clip_coefficient, get_total_norm
 from dldna_fused._checks import (check_betas, check_hyperparameter, check_lr,  # noqa: F401 (re-exported)
@@ -35,7 +36,8 @@ class FusedOptimizer(CachedGroupLists, StateDictLoading, Optimizer):
     last_grad_norm: torch.Tensor | None = None
 
     def __init__(self, params, defaults: dict, *, foreach, differentiable, fused, state_dtype,
-                 max_grad_norm: float | None = None):
+                 max_grad_norm: float | None = None, bf16_stochastic_round: bool = False,
+                 kahan_sum: bool = False, seed: int | None = None):
         if foreach:
             raise ValueError("foreach=True is not supported: dldna_fused optimizers are always fused (pass foreach=None)")
         if differentiable:
@@ -49,6 +51,8 @@ class FusedOptimizer(CachedGroupLists, StateDictLoading, Optimizer):
             defaults["state_dtype"] = state_dtype
         if max_grad_norm is not None:
             defaults["max_grad_norm"] = max_grad_norm  # likewise
+        # [Note: bf16 param writes] in csrc/common/rounding_math.h; keys only when asked, likewise.
+        add_write_options(defaults, bf16_stochastic_round, kahan_sum, seed)
         self._check_options(defaults)
         self._check_shared_options(defaults)
         super().__init__(params, defaults)
@@ -67,6 +71,15 @@ class FusedOptimizer(CachedGroupLists, StateDictLoading, Optimizer):
     def _check_shared_options(options: dict) -> None:
         if options.get("max_grad_norm") is not None:
             check_hyperparameter("max_grad_norm", options["max_grad_norm"], 0.0, low_open=True)
+        for key in ("bf16_stochastic_round", "kahan_sum"):
+            if not isinstance(options.get(key, False), bool):
+                raise TypeError(f"{key} must be a bool, got {type(options[key]).__name__}")
+        if options.get("bf16_stochastic_round") and options.get("kahan_sum"):
+            raise ValueError("bf16_stochastic_round=True and kahan_sum=True were both given; they are two cures for "
+                             "the same rounding loss, choose one")
+        seed = options.get("seed")
+        if options.get("bf16_stochastic_round") and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"bf16_stochastic_round=True needs an int 'seed' in the param group, got {seed!r}")
 
     def _check_group(self, group: dict) -> None:
         """The checks of a group's options before a step or after a load."""
@@ -107,12 +120,13 @@ class FusedOptimizer(CachedGroupLists, StateDictLoading, Optimizer):
         return spec
 
     def _collect_calls(self, build, options, *, clip: bool = False) -> list:
-        """[(group, key, grads, lists, clip_coef)]: one entry per op call of this step, for every
+        """[(group, key, grads, lists, clip_coef, writes)]: one entry per op call of this step, for every
         group, built and checked before any tensor changes, so that an error leaves every param,
         state and grad as it was (states created on the way are removed again). ``build(group)``
         makes the lists (see _group_lists); ``options(group)`` are the group options it reads.
         With ``clip``, groups with a ``max_grad_norm`` get their clip factor (else None); see
-        [Note: folded clipping]."""
+        [Note: folded clipping]. ``writes`` are the op's kahan_comps/sr_keys keywords
+        ([Note: param write lists] in _group_lists.py)."""
         name = type(self).__name__
         gathered = []
         for index, group in enumerate(self.param_groups):
@@ -130,7 +144,7 @@ class FusedOptimizer(CachedGroupLists, StateDictLoading, Optimizer):
         log: list = []
         self.__dict__["_new_states"] = log
         try:
-            entries = [self._group_lists(index, group, has_grad, build, options(group))
+            entries = [self._group_lists(index, group, has_grad, build, (options(group), *_write_options(group)))
                        for index, (group, _, has_grad) in enumerate(gathered)]
             factors = self._clip_factors(gathered) if clip else {}
         except BaseException:
@@ -152,9 +166,10 @@ class FusedOptimizer(CachedGroupLists, StateDictLoading, Optimizer):
             if entry.sharded or compiling:
                 grads = to_local(grads)
             factor = factors.get(id(group))
-            for key, index, lists in entry.calls:
+            for key, index, lists, writes in entry.calls:
                 coefficient = None if factor is None else scalar_to(factor, key[0])
-                calls.append((group, key, grads if index is None else [grads[i] for i in index], lists, coefficient))
+                calls.append((group, key, grads if index is None else [grads[i] for i in index], lists, coefficient,
+                              writes))
         return calls
 
     # [Note: folded clipping]
@@ -194,3 +209,8 @@ class FusedOptimizer(CachedGroupLists, StateDictLoading, Optimizer):
                 for t in (grad_scale, found_inf)
             )
         return cache[device]
+
+
+def _write_options(group: dict) -> tuple:
+    """The group options that shape its param write lists ([Note: param write lists])."""
+    return group.get("kahan_sum", False), group.get("bf16_stochastic_round", False), group.get("seed")

@@ -4,11 +4,13 @@ cached between steps, and checked before any op runs ([Note: cached tensor lists
 from __future__ import annotations
 
 import operator
+import warnings
 
 import torch
 
 from dldna_fused import _C, ops
 from dldna_fused._distributed import to_local
+from dldna_fused._rounding import param_key
 from dldna_fused.optim._flat_state import _packable, _packed_like, _packed_steps
 
 SUPPORTED_DTYPES = ops.KERNEL_DTYPES  # what a param may be
@@ -97,17 +99,18 @@ class CachedGroupLists:
                 return cache[index]
             cache[index] = None  # drop the stale lists (and the tensors they hold) before building
             self.__dict__.pop("_state_snapshot", None)
-        entries = build(group)
+        entries = self._with_param_writes(index, group, build(group))
         if not compiling:  # traced steps are checked by the ops' fake kernels; eager ones here
             self._check_lists(index, group, entries)
         sharded = to_local(group["params"]) is not group["params"]
         if compiling:
-            calls = [(key, idx, [to_local(lst) for lst, _ in lists]) for key, idx, lists in entries]
+            calls = [(key, idx, [to_local(lst) for lst, _ in lists[:-2]], _writes(lists, to_local))
+                     for key, idx, lists in entries]
             return _GroupLists(group, self.state, 0, pattern, calls, [], sharded)
         calls, verify = [], []
         for key, idx, lists in entries:
-            frozen = [ops.freeze(to_local(lst)) for lst, _ in lists]
-            calls.append((key, idx, frozen))
+            frozen = [ops.freeze(to_local(lst)) for lst, _ in lists[:-1]]
+            calls.append((key, idx, frozen[:-1], _writes(lists, lambda comps: frozen[-1])))
             named = [(name, lst) for (_, name), lst in zip(lists, frozen) if name is not None and len(lst)]
             if named:
                 # Compared against the state dicts, so the lists of the state's own tensors
@@ -118,6 +121,42 @@ class CachedGroupLists:
         entry = _GroupLists(group, self.state, getattr(self, "_lists_version", 0), pattern, calls, verify, sharded)
         cache[index] = entry
         return entry
+
+    # [Note: param write lists]
+    # Every call's lists end with two that say how its params are written ([Note: bf16 param
+    # writes] in csrc/common/rounding_math.h): (the params' "kahan_comp" states, "kahan_comp") under
+    # kahan_sum and ([their sr_keys], "sr_keys") under bf16_stochastic_round, for bf16 buckets; both
+    # are empty otherwise. The compensation is a state like any other (cached, checked, verified);
+    # the keys are ints, fixed by the seed, the group's position and the param's position in it,
+    # all of which a cache entry is keyed on. _group_lists hands them to the step as the `writes`
+    # of each call, {"kahan_comps": ..., "sr_keys": ...}, None where unused.
+    def _with_param_writes(self, index: int, group: dict, entries: list) -> list:
+        kahan = group.get("kahan_sum", False)
+        stochastic = group.get("bf16_stochastic_round", False)
+        out = []
+        for key, idx, lists in entries:
+            params = lists[0][0]
+            comps, keys = [], []
+            if key[1] == torch.bfloat16 and params and kahan:
+                missing = [p for p in params if "kahan_comp" not in self.state[p]]
+                for p in missing:
+                    self.state[p]["kahan_comp"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    self._record_new_state(p, "kahan_comp")
+                comps = [self.state[p]["kahan_comp"] for p in params]
+            elif key[1] == torch.bfloat16 and params and any("kahan_comp" in self.state[p] for p in params):
+                # kahan_sum switched off: the compensation would be stale if it came back on.
+                stale = [p for p in params if "kahan_comp" in self.state[p]]
+                for p in stale:
+                    del self.state[p]["kahan_comp"]
+                warnings.warn(f"{type(self).__name__}: param group {index}: kahan_sum is off; dropped the "
+                              f"'kahan_comp' of {len(stale)} param(s), each losing the part of its value below "
+                              "bf16 precision", stacklevel=4)
+            if key[1] == torch.bfloat16 and params and stochastic and not kahan:
+                rank = _shard_rank(params[0])
+                keys = [param_key(group["seed"], index, position, rank)
+                        for position in (idx if idx is not None else range(len(params)))]
+            out.append((key, idx, [*lists, (comps, "kahan_comp" if comps else None), (keys, "sr_keys")]))
+        return out
 
     def _check_lists(self, index: int, group: dict, entries: list) -> None:
         """Checks the lists ``build`` made for group ``index`` before any op runs: params on a
@@ -132,7 +171,7 @@ class CachedGroupLists:
             specs = [self._state_spec(group, p) for p in params]
             state_dtype = None
             for tensors, key in lists[1:]:
-                if key is None:
+                if key is None or key == "sr_keys":
                     continue
                 for p, spec, t in zip(params, specs, tensors):
                     shape = spec.get(key)
@@ -141,6 +180,9 @@ class CachedGroupLists:
                         raise TypeError(f"{label} must be a Tensor, got {type(t).__name__}")
                     if t.device != p.device:
                         raise ValueError(f"{label} is on {t.device} but the param is on {p.device}")
+                    if key == "kahan_comp":
+                        self._check_comp(label, p, t)
+                        continue
                     if key in self._scalar_state_keys:
                         if t.dtype != torch.float32 or t.numel() != 1:
                             raise ValueError(f"{label} must be a float32 tensor of one element, got {t.dtype} "
@@ -155,6 +197,13 @@ class CachedGroupLists:
                                          f"bucket must all be {expected}")
                     state_dtype = t.dtype
             self._check_overlap(where, positions, params, lists)
+
+    @staticmethod
+    def _check_comp(label: str, p: torch.Tensor, t: torch.Tensor) -> None:
+        """A param's kahan_comp (already known to be a tensor on its device): its shape and dtype."""
+        if t.shape != p.shape or t.dtype != p.dtype:
+            raise ValueError(f"{label} must have the param's shape {tuple(p.shape)} and dtype {p.dtype}, "
+                             f"got {tuple(t.shape)} and {t.dtype}")
 
     @staticmethod
     def _check_bucket_params(where: str, positions: dict, params: list) -> None:
@@ -175,9 +224,10 @@ class CachedGroupLists:
         """Raises when two tensors one op call writes (``lists``, [(tensors, key)], params first)
         share memory, naming both."""
         # What the kernels write: the local shards of DTensors.
-        overlap = _C.find_overlap(to_local([t for tensors, key in lists if key != "step" for t in tensors]))
+        written = [(tensors, key) for tensors, key in lists if key not in ("step", "sr_keys")]
+        overlap = _C.find_overlap(to_local([t for tensors, _ in written for t in tensors]))
         if overlap is not None:
-            labels = [(positions[id(p)], key or "param") for tensors, key in lists if key != "step"
+            labels = [(positions[id(p)], key or "param") for tensors, key in written
                       for p, _ in zip(params, tensors)]
             (i, a), (j, b) = labels[overlap[0]], labels[overlap[1]]
             what = (f"params[{i}] overlaps itself in memory (an expanded view)" if overlap[0] == overlap[1]
@@ -262,6 +312,19 @@ class CachedGroupLists:
         everything = list(range(len(params)))
         return [(key, None if index == everything else index, list(zip(lists, (None, *keys, "step"))))
                 for key, (index, lists) in sorted(buckets.items(), key=lambda item: item[0][2])]
+
+
+def _writes(lists: list, convert) -> dict:
+    """The `writes` of one call from its last two lists ([Note: param write lists]); ``convert``
+    turns the compensations into what the op takes."""
+    (comps, _), (keys, _) = lists[-2:]
+    return {"kahan_comps": convert(comps) if comps else None, "sr_keys": keys or None}
+
+
+def _shard_rank(p: torch.Tensor) -> int:
+    """The rank of this process in a DTensor param's mesh (its shard draws its own bits), else 0."""
+    mesh = getattr(p, "device_mesh", None)
+    return 0 if mesh is None else int(mesh.get_rank())
 
 
 def _occurrences(params: list) -> list:

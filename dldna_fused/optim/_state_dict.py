@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 import torch
 
@@ -53,13 +54,23 @@ class StateDictLoading:
         capturable; the kernels read it on the param's device, so it is moved there. torch.optim
         casts every floating-point state to its param's dtype, which would round float32 states of
         bf16/fp16 params; those are taken from ``state_dict`` again, unrounded. States are
-        re-packed as in [Note: flat state].
+        re-packed as in [Note: flat state]. The param-write options (bf16_stochastic_round,
+        kahan_sum, seed) that a saved group lacks, as torch.optim's do, keep this optimizer's
+        values: a plain AdamW checkpoint continues with Kahan summation, its compensation zero
+        (with a warning), and a ``kahan_comp`` a group without kahan_sum cannot use is dropped
+        (with a warning).
         """
+        comps = {"missing": 0, "dropped": 0}
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         saved_states = [state_dict["state"].get(i) for i in saved_ids]
         before = {key: self.__dict__[key] for key in ("state", "param_groups")}
+        kept = [{key: g[key] for key in _WRITE_OPTIONS if key in g} for g in self.param_groups]
         try:
             super().load_state_dict(state_dict)
+            for group, saved, options in zip(self.param_groups, state_dict["param_groups"], kept):
+                for key, value in options.items():
+                    if key not in saved:
+                        group[key] = value
             params = [p for g in self.param_groups for p in g["params"]]
             originals = {p: saved for p, saved in zip(params, saved_states)}
             name = type(self).__name__
@@ -73,6 +84,7 @@ class StateDictLoading:
                     where = f"{name}.load_state_dict: param group {index}, params[{i}]"
                     self._convert_loaded_state(where, group, p, state, originals[p] or {})
                     self._check_loaded_state(where, group, p, state)
+                    self._load_comp(where, group, p, state, comps)
                     state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(p.device).reshape(())
                     for key in fp32_keys:
                         if key in state:
@@ -84,6 +96,37 @@ class StateDictLoading:
             raise
         finally:
             self._invalidate_lists()
+        name = type(self).__name__
+        if comps["missing"]:
+            warnings.warn(f"{name}.load_state_dict: {comps['missing']} bf16 param(s) of groups with kahan_sum=True "
+                          "have no 'kahan_comp' in the state_dict (it was saved without Kahan summation, e.g. by "
+                          "torch.optim); their compensation starts at zero", stacklevel=2)
+        if comps["dropped"]:
+            warnings.warn(f"{name}.load_state_dict: dropped the 'kahan_comp' state of {comps['dropped']} param(s) "
+                          "whose group has kahan_sum off (or that are not bf16); each loses the part of its value "
+                          "below bf16 precision, under half an ulp", stacklevel=2)
+
+    def _load_comp(self, where: str, group: dict, p: torch.Tensor, state: dict, counts: dict) -> None:
+        """A loaded state's Kahan compensation ([Note: bf16 param writes] in
+        csrc/common/rounding_math.h): checked and moved to the param's device when its group has
+        kahan_sum and it is bf16, dropped (counted) otherwise; a missing one is counted and the
+        next step starts it at zero."""
+        wanted = group.get("kahan_sum", False) and p.dtype == torch.bfloat16
+        comp = state.get("kahan_comp")
+        if comp is None:
+            counts["missing"] += wanted
+            return
+        if not wanted:
+            del state["kahan_comp"]
+            counts["dropped"] += 1
+            return
+        if not isinstance(comp, torch.Tensor) or not comp.is_floating_point():
+            raise TypeError(f"{where}: state 'kahan_comp' must be a floating-point Tensor, got "
+                            f"{getattr(comp, 'dtype', type(comp).__name__)}")
+        if comp.shape != p.shape:
+            raise ValueError(f"{where}: state 'kahan_comp' has shape {tuple(comp.shape)} but must have shape "
+                             f"{tuple(p.shape)}")
+        state["kahan_comp"] = comp.to(device=p.device, dtype=p.dtype, copy=True)
 
     def _convert_loaded_state(self, where: str, group: dict, p: torch.Tensor, state: dict, saved: dict) -> None:
         """Brings a loaded state into this optimizer's form before it is checked; ``saved`` is the
@@ -136,6 +179,10 @@ class StateDictLoading:
             expected = tuple(shape)
             if tuple(value.shape) != expected and not (expected == () and value.numel() == 1):
                 raise ValueError(f"{where}: state '{key}' has shape {tuple(value.shape)} but must have shape {expected}")
+
+
+# The options of [Note: bf16 param writes] (csrc/common/rounding_math.h), which torch.optim's groups lack.
+_WRITE_OPTIONS = ("bf16_stochastic_round", "kahan_sum", "seed")
 
 
 # The map each quantized state uses ([Note: blockwise quantized states] in csrc/common/quantization.h).

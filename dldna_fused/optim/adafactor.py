@@ -9,9 +9,10 @@ import torch
 from dldna_fused import ops
 from dldna_fused._closure import closure_loss
 from dldna_fused._distributed import dtensor_type
+from dldna_fused._rounding import param_key, write_mode, write_param_
 from dldna_fused.optim._flat_state import _packable, _packed, _packed_steps
 from dldna_fused.optim._fused import FusedOptimizer, scalar
-from dldna_fused.optim._group_lists import _occurrences
+from dldna_fused.optim._group_lists import _occurrences, _shard_rank
 from dldna_fused.reference.adafactor import check_adafactor_options
 
 
@@ -117,6 +118,9 @@ class Adafactor(FusedOptimizer):
         warmup_init: linear warm-up of :math:`\rho_t` (needs ``relative_step``; default False).
         max_grad_norm: clip the global 2-norm of the gradients inside the step (see
             :class:`dldna_fused.optim.Adam`).
+        bf16_stochastic_round, kahan_sum, seed: how bf16 params are written (see
+            :class:`dldna_fused.optim.Adam`); with kahan_sum, RMS(θ) is that of θ + its
+            compensation.
 
     State per parameter: ``step`` (float32 0-dim tensor), ``exp_avg_sq_row`` and
     ``exp_avg_sq_col`` (factored) or ``exp_avg_sq``, ``exp_avg`` (with ``beta1``), and ``RMS``
@@ -130,12 +134,13 @@ class Adafactor(FusedOptimizer):
     def __init__(self, params, lr: float | None = None, eps: tuple[float, float] = (1e-30, 1e-3),
                  clip_threshold: float = 1.0, decay_rate: float = -0.8, beta1: float | None = None,
                  weight_decay: float = 0.0, scale_parameter: bool = True, relative_step: bool = True,
-                 warmup_init: bool = False, *, max_grad_norm: float | None = None):
+                 warmup_init: bool = False, *, max_grad_norm: float | None = None,
+                 bf16_stochastic_round: bool = False, kahan_sum: bool = False, seed: int | None = None):
         defaults = dict(lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1,
                         weight_decay=weight_decay, scale_parameter=scale_parameter,
                         relative_step=relative_step, warmup_init=warmup_init)
         super().__init__(params, defaults, foreach=None, differentiable=False, fused=None, state_dtype=None,
-                         max_grad_norm=max_grad_norm)
+                         max_grad_norm=max_grad_norm, bf16_stochastic_round=bf16_stochastic_round, kahan_sum=kahan_sum, seed=seed)
 
     _fp32_states_only = True
     _scalar_state_keys = ("step", "RMS")
@@ -253,7 +258,7 @@ class Adafactor(FusedOptimizer):
         loss = closure_loss(closure)
         calls = self._collect_calls(self._build_lists, lambda g: (g["beta1"] is not None,), clip=True)
         amp_cache: dict = {}
-        for group, (device, _, _, _), grads, lists, clip_coef in calls:
+        for group, (device, _, _, _), grads, lists, clip_coef, writes in calls:
             params, rows, cols, sqs, exp_avgs, rms, steps = lists
             grad_scale, found_inf = self._amp_tensors(device, amp_cache)
             eps1, eps2 = group["eps"]
@@ -263,7 +268,7 @@ class Adafactor(FusedOptimizer):
                 clip_threshold=group["clip_threshold"], decay_rate=group["decay_rate"], beta1=group["beta1"],
                 weight_decay=group["weight_decay"], scale_parameter=group["scale_parameter"],
                 relative_step=group["relative_step"], warmup_init=group["warmup_init"],
-                grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef)
+                grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef, **writes)
         for group in self.param_groups:
             sharded = [p for p in group["params"] if p.grad is not None and _is_dtensor(p)]
             if sharded:
@@ -290,12 +295,20 @@ class Adafactor(FusedOptimizer):
         eps1, eps2 = group["eps"]
         beta1 = group["beta1"]
         pg = params[0].device_mesh.get_group()
+        # The param writes of the fused step ([Note: bf16 param writes] in rounding_math.h), in torch
+        # ops: the same bits for the same key, step and local element.
+        group_index = next(i for i, g in enumerate(self.param_groups) if g is group)
+        positions = {id(q): i for i, q in enumerate(group["params"])}
         entries = []
         for p in params:
             state = self.state[p]
             state["step"] += 1
             t = state["step"].item()
             theta, g = p.to_local().float(), p.grad.to_local().float()
+            if write_mode(group, p) == "kahan":
+                if "kahan_comp" not in state:
+                    state["kahan_comp"] = torch.zeros_like(p)
+                theta = theta + state["kahan_comp"].to_local().float()
             if clip_coef is not None:
                 g = g * clip_coef.to(g.device)
             entries.append(dict(p=p, state=state, t=t, theta=theta, g=g, g2=g * g + eps1,
@@ -363,4 +376,8 @@ class Adafactor(FusedOptimizer):
             if group["weight_decay"] != 0.0:
                 theta.add_(theta, alpha=-group["weight_decay"] * alpha)
             theta.sub_(update)
-            p.to_local().copy_(theta)
+            mode = write_mode(group, p)
+            key = (param_key(group["seed"], group_index, positions[id(p)], _shard_rank(p))
+                   if mode == "stochastic" else None)
+            write_param_(p.to_local(), theta, comp=state["kahan_comp"].to_local() if mode == "kahan" else None,
+                         key=key, step=t)

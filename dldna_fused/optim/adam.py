@@ -49,6 +49,14 @@ class Adam(FusedOptimizer):
         max_grad_norm: clip the global 2-norm of the gradients to this value inside the step, as
             ``torch.nn.utils.clip_grad_norm_(params, max_grad_norm)`` before it would, in one pass
             and without rewriting the grads; the norm is kept in :attr:`last_grad_norm`.
+        bf16_stochastic_round, kahan_sum, seed: how bf16 params are written (pure-bf16 training
+            without fp32 master weights). ``bf16_stochastic_round=True`` rounds each new value up
+            or down with probability by distance, so updates below half a bf16 ulp survive on
+            average; its random bits come from (``seed``, param, step, element), reproducible and
+            the same for any thread count, with ``seed`` kept in the param group (default:
+            ``torch.initial_seed()``). ``kahan_sum=True`` keeps a bf16 ``kahan_comp`` state per
+            param with what the last write lost and adds it back before the next update. One or
+            the other; params of other dtypes are written as always.
     """
 
     _state_keys = _STATE_KEYS
@@ -71,6 +79,9 @@ class Adam(FusedOptimizer):
         decoupled_weight_decay: bool = False,
         state_dtype: torch.dtype | None = None,
         max_grad_norm: float | None = None,
+        bf16_stochastic_round: bool = False,
+        kahan_sum: bool = False,
+        seed: int | None = None,
     ):
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
@@ -78,7 +89,8 @@ class Adam(FusedOptimizer):
             differentiable=differentiable, fused=fused, decoupled_weight_decay=decoupled_weight_decay,
         )
         super().__init__(params, defaults, foreach=foreach, differentiable=differentiable, fused=fused,
-                         state_dtype=state_dtype, max_grad_norm=max_grad_norm)
+                         state_dtype=state_dtype, max_grad_norm=max_grad_norm,
+                         bf16_stochastic_round=bf16_stochastic_round, kahan_sum=kahan_sum, seed=seed)
 
     @staticmethod
     def _check_options(options: dict) -> None:
@@ -116,7 +128,7 @@ class Adam(FusedOptimizer):
         loss = closure_loss(closure)
         calls = self._collect_calls(self._build_lists, lambda g: (g["amsgrad"], g.get("state_dtype")), clip=True)
         amp_cache: dict = {}
-        for group, (device, _, _), grads, lists, clip_coef in calls:
+        for group, (device, _, _), grads, lists, clip_coef, writes in calls:
             params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = lists
             grad_scale, found_inf = self._amp_tensors(device, amp_cache)
             beta1, beta2 = map(scalar, group["betas"])
@@ -125,7 +137,7 @@ class Adam(FusedOptimizer):
                 lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
                 eps=group["eps"], amsgrad=group["amsgrad"], maximize=group["maximize"],
                 decoupled_weight_decay=group["decoupled_weight_decay"],
-                grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef,
+                grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef, **writes,
             )
         return loss
 
@@ -152,11 +164,15 @@ class AdamW(Adam):
         fused: bool | None = None,
         state_dtype: torch.dtype | None = None,
         max_grad_norm: float | None = None,
+        bf16_stochastic_round: bool = False,
+        kahan_sum: bool = False,
+        seed: int | None = None,
     ):
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
             capturable=capturable, differentiable=differentiable, fused=fused,
             decoupled_weight_decay=True, state_dtype=state_dtype, max_grad_norm=max_grad_norm,
+            bf16_stochastic_round=bf16_stochastic_round, kahan_sum=kahan_sum, seed=seed,
         )
 
     def __setstate__(self, state):

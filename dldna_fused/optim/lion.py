@@ -38,6 +38,8 @@ class Lion(FusedOptimizer):
             in fp32 for bf16/fp16 params.
         max_grad_norm: clip the global 2-norm of the gradients inside the step (see
             :class:`dldna_fused.optim.Adam`).
+        bf16_stochastic_round, kahan_sum, seed: how bf16 params are written (see
+            :class:`dldna_fused.optim.Adam`).
 
     State per parameter: ``step`` (float32 0-dim tensor) and ``exp_avg``.
     """
@@ -46,10 +48,12 @@ class Lion(FusedOptimizer):
 
     def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, maximize: bool = False,
-                 state_dtype: torch.dtype | None = None, max_grad_norm: float | None = None):
+                 state_dtype: torch.dtype | None = None, max_grad_norm: float | None = None,
+                 bf16_stochastic_round: bool = False, kahan_sum: bool = False, seed: int | None = None):
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults, foreach=None, differentiable=False, fused=None,
-                         state_dtype=state_dtype, max_grad_norm=max_grad_norm)
+                         state_dtype=state_dtype, max_grad_norm=max_grad_norm,
+                         bf16_stochastic_round=bf16_stochastic_round, kahan_sum=kahan_sum, seed=seed)
 
     @staticmethod
     def _check_options(options: dict) -> None:
@@ -70,10 +74,10 @@ class Lion(FusedOptimizer):
         calls = self._collect_calls(lambda g: self._build_state_lists(g, self._state_keys),
                                     lambda g: (g.get("state_dtype"),), clip=True)
         amp_cache: dict = {}
-        for group, (device, _, _), grads, (params, exp_avgs, steps), clip_coef in calls:
+        for group, (device, _, _), grads, (params, exp_avgs, steps), clip_coef, writes in calls:
             grad_scale, found_inf = self._amp_tensors(device, amp_cache)
             beta1, beta2 = map(scalar, group["betas"])
             ops.fused_lion_(params, grads, exp_avgs, steps, lr=scalar(group["lr"]), beta1=beta1,
                             beta2=beta2, weight_decay=group["weight_decay"], maximize=group["maximize"],
-                            grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef)
+                            grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef, **writes)
         return loss

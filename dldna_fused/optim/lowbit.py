@@ -198,9 +198,16 @@ class _LowBitOptimizer(FusedOptimizer):
             params = lists[0][0]
             self._check_bucket_params(where, positions, params)
             for tensors, name in lists[1:]:
+                if name in (None, "sr_keys"):
+                    continue
                 for p, t in zip(params, tensors):
                     label = f"{where}, params[{positions[id(p)]}]"
                     local = to_local([p])[0]
+                    if name == "kahan_comp":
+                        if not isinstance(t, torch.Tensor) or t.device != p.device:
+                            raise ValueError(f"{label}: state 'kahan_comp' must be a Tensor on {p.device}")
+                        self._check_comp(f"{label}: state 'kahan_comp'", p, t)
+                        continue
                     if name == "step":
                         if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.numel() != 1:
                             raise ValueError(f"{label}: state 'step' must be a float32 tensor of one element")
@@ -266,10 +273,10 @@ class _LowBitOptimizer(FusedOptimizer):
         loss = closure_loss(closure)
         calls = self._collect_calls(self._build_lists, self._options, clip=True)
         amp_cache: dict = {}
-        for group, (device, _, _, quantized), grads, lists, clip_coef in calls:
+        for group, (device, _, _, quantized), grads, lists, clip_coef, writes in calls:
             grad_scale, found_inf = self._amp_tensors(device, amp_cache)
             self._launch(group, quantized, grads, lists,
-                         dict(grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef))
+                         dict(grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef, **writes))
         return loss
 
     def _launch(self, group: dict, quantized: bool, grads: list, lists: list, amp_and_clip: dict) -> None:
@@ -299,8 +306,8 @@ class AdamW8bit(_LowBitOptimizer):
     ``exp_avg_sq_absmax`` and ``step``: 2 bytes + 8 / block_size bytes per element at 8 bits.
 
     Args:
-        params, lr, betas, eps, weight_decay, maximize, max_grad_norm: as
-            :class:`dldna_fused.optim.AdamW`. ``amsgrad`` must be False.
+        params, lr, betas, eps, weight_decay, maximize, max_grad_norm, bf16_stochastic_round,
+            kahan_sum, seed: as :class:`dldna_fused.optim.AdamW`. ``amsgrad`` must be False.
         block_size: elements per absmax (default 256 at 8 bits, 128 at 4 bits).
         min_8bit_size: params with fewer elements keep float32 states (default 4096).
     """
@@ -309,7 +316,8 @@ class AdamW8bit(_LowBitOptimizer):
 
     def __init__(self, params, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
-                 block_size: int | None = None, min_8bit_size: int = 4096, max_grad_norm: float | None = None):
+                 block_size: int | None = None, min_8bit_size: int = 4096, max_grad_norm: float | None = None,
+                 bf16_stochastic_round: bool = False, kahan_sum: bool = False, seed: int | None = None):
         if amsgrad:
             raise ValueError(f"{type(self).__name__}: amsgrad=True is not supported with quantized states "
                              "(use dldna_fused.optim.AdamW)")
@@ -317,7 +325,7 @@ class AdamW8bit(_LowBitOptimizer):
                         bits=self._bits, block_size=block_size or (256 if self._bits == 8 else 128),
                         min_8bit_size=min_8bit_size)
         super().__init__(params, defaults, foreach=None, differentiable=False, fused=None, state_dtype=None,
-                         max_grad_norm=max_grad_norm)
+                         max_grad_norm=max_grad_norm, bf16_stochastic_round=bf16_stochastic_round, kahan_sum=kahan_sum, seed=seed)
 
     @staticmethod
     def _check_options(options: dict) -> None:
@@ -361,7 +369,8 @@ class Lion8bit(_LowBitOptimizer):
     one byte per element of state instead of four. The update is :class:`dldna_fused.optim.Lion`'s.
 
     Args:
-        params, lr, betas, weight_decay, maximize, max_grad_norm: as :class:`dldna_fused.optim.Lion`.
+        params, lr, betas, weight_decay, maximize, max_grad_norm, bf16_stochastic_round, kahan_sum,
+            seed: as :class:`dldna_fused.optim.Lion`.
         block_size: elements per absmax (default 256).
         min_8bit_size: params with fewer elements keep a float32 ``exp_avg`` (default 4096).
     """
@@ -370,11 +379,12 @@ class Lion8bit(_LowBitOptimizer):
 
     def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0,
                  *, maximize: bool = False, block_size: int = 256, min_8bit_size: int = 4096,
-                 max_grad_norm: float | None = None):
+                 max_grad_norm: float | None = None, bf16_stochastic_round: bool = False, kahan_sum: bool = False,
+                 seed: int | None = None):
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize, bits=8,
                         block_size=block_size, min_8bit_size=min_8bit_size)
         super().__init__(params, defaults, foreach=None, differentiable=False, fused=None, state_dtype=None,
-                         max_grad_norm=max_grad_norm)
+                         max_grad_norm=max_grad_norm, bf16_stochastic_round=bf16_stochastic_round, kahan_sum=kahan_sum, seed=seed)
 
     @staticmethod
     def _check_options(options: dict) -> None:

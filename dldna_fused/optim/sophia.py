@@ -70,6 +70,9 @@ class Sophia(FusedOptimizer):
         max_grad_norm: clip the global 2-norm of the gradients inside the step (see
             :class:`dldna_fused.optim.Adam`); it clips the gradient that enters the momentum
             :math:`m`, not the Hessian estimates of :meth:`update_hessian`.
+        bf16_stochastic_round, kahan_sum: how bf16 params are written (see
+            :class:`dldna_fused.optim.Adam`); stochastic rounding draws its bits from ``seed``
+            too (default: ``torch.initial_seed()``).
 
     State per parameter: ``step``, ``exp_avg`` and ``hessian``.
     """
@@ -79,11 +82,13 @@ class Sophia(FusedOptimizer):
     def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.965, 0.99),
                  rho: float = 0.04, weight_decay: float = 1e-1, *, k: int = 10, estimator: str = "gnb",
                  bs: float = 1, maximize: bool = False, seed: int | None = None,
-                 state_dtype: torch.dtype | None = None, max_grad_norm: float | None = None):
+                 state_dtype: torch.dtype | None = None, max_grad_norm: float | None = None,
+                 bf16_stochastic_round: bool = False, kahan_sum: bool = False):
         defaults = dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, k=k,
                         estimator=estimator, bs=bs, maximize=maximize)
         super().__init__(params, defaults, foreach=None, differentiable=False, fused=None,
-                         state_dtype=state_dtype, max_grad_norm=max_grad_norm)
+                         state_dtype=state_dtype, max_grad_norm=max_grad_norm,
+                         bf16_stochastic_round=bf16_stochastic_round, kahan_sum=kahan_sum, seed=seed)
         self._seed = seed
         self._generators: dict = {}  # device -> torch.Generator on it (see _generator)
         self._steps_since_hessian = 0
@@ -157,14 +162,15 @@ class Sophia(FusedOptimizer):
         calls = self._collect_calls(self._lists, lambda g: (g.get("state_dtype"),), clip=True)
         amp_cache: dict = {}
         unclipped = []
-        for group, (device, _, _), grads, (params, exp_avgs, hessians, steps), clip_coef in calls:
+        for group, (device, _, _), grads, (params, exp_avgs, hessians, steps), clip_coef, writes in calls:
             grad_scale, found_inf = self._amp_tensors(device, amp_cache)
             count = torch.zeros(1, dtype=torch.int64, device=device)
             ops.fused_sophia_(params, grads, exp_avgs, hessians, steps, lr=scalar(group["lr"]),
                               beta1=scalar(group["betas"][0]), rho=group["rho"],
                               bs=float(bs if bs is not None else group["bs"]),
                               weight_decay=group["weight_decay"], maximize=group["maximize"],
-                              grad_scale=grad_scale, found_inf=found_inf, unclipped=count, clip_coef=clip_coef)
+                              grad_scale=grad_scale, found_inf=found_inf, unclipped=count, clip_coef=clip_coef,
+                              **writes)
             unclipped.append((count, sum(p.numel() for p in ops.as_list(params))))
         if not calls:
             # No param had a grad: nothing was applied, so neither the cadence nor win_rate moves.
@@ -245,7 +251,7 @@ class Sophia(FusedOptimizer):
         are left untouched. The scaler's scale is not changed by this call.
         """
         calls = self._collect_calls(self._lists, lambda g: (g.get("state_dtype"),))
-        for group, (device, _, _), grads, (params, _, hessians, _), _ in calls:
+        for group, (device, _, _), grads, (params, _, hessians, _), _, _ in calls:
             found_inf = None
             if scaler is not None and scaler.is_enabled():
                 found_inf = torch.zeros(1, dtype=torch.float32, device=device)

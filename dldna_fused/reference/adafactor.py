@@ -13,6 +13,7 @@ from torch.optim import Optimizer
 
 from dldna_fused._checks import check_hyperparameter, check_lr, check_weight_decay, scalar
 from dldna_fused._closure import closure_loss
+from dldna_fused._rounding import add_write_options, read_param, store_param
 
 
 def check_adafactor_options(lr, eps, clip_threshold, decay_rate, beta1, weight_decay, relative_step,
@@ -61,12 +62,13 @@ class Adafactor(Optimizer):
 
     def __init__(self, params, lr=None, eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8,
                  beta1=None, weight_decay=0.0, scale_parameter=True, relative_step=True,
-                 warmup_init=False):
+                 warmup_init=False, *, bf16_stochastic_round=False, kahan_sum=False, seed=None):
         check_adafactor_options(lr, eps, clip_threshold, decay_rate, beta1, weight_decay, relative_step,
                                 warmup_init)
         defaults = dict(lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1,
                         weight_decay=weight_decay, scale_parameter=scale_parameter,
                         relative_step=relative_step, warmup_init=warmup_init)
+        add_write_options(defaults, bf16_stochastic_round, kahan_sum, seed)
         super().__init__(params, defaults)
 
     @staticmethod
@@ -85,10 +87,10 @@ class Adafactor(Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure_loss(closure)
-        for group in self.param_groups:
+        for group_index, group in enumerate(self.param_groups):
             eps1, eps2 = group["eps"]
             beta1 = group["beta1"]
-            for p in group["params"]:
+            for position, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
                 state = self.state[p]
@@ -99,11 +101,11 @@ class Adafactor(Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, dtype=state["RMS"].dtype)
                 state["step"] += 1
                 t = state["step"].item()
+                dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+                theta = read_param(state, group, p, dtype)  # (creates a kahan_comp, empty or not)
                 if p.numel() == 0:
                     continue  # nothing to scale; RMS of nothing stays 0
-                dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
                 g = p.grad.to(dtype)
-                theta = p.to(dtype)
 
                 rms = _rms(theta)
                 state["RMS"].copy_(rms)
@@ -135,5 +137,5 @@ class Adafactor(Optimizer):
                 if group["weight_decay"] != 0.0:
                     theta.add_(theta, alpha=-group["weight_decay"] * alpha)
                 theta.sub_(update)
-                p.copy_(theta)
+                store_param(state, group, p, theta, group_index, position)
         return loss

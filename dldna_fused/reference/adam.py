@@ -12,6 +12,7 @@ import math
 import torch
 
 from dldna_fused._closure import closure_loss
+from dldna_fused._rounding import add_write_options, read_param, store_param
 from dldna_fused.reference._state_dtype import StateDtypeLoading
 
 
@@ -30,7 +31,8 @@ class Adam(StateDtypeLoading):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
                  *, foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
-                 decoupled_weight_decay=False, state_dtype=None, beta1=None, beta2=None):
+                 decoupled_weight_decay=False, state_dtype=None, beta1=None, beta2=None,
+                 bf16_stochastic_round=False, kahan_sum=False, seed=None):
         # The chapter's keywords: Adam(params, lr=..., beta1=0.9, beta2=0.999, eps=...).
         betas = (betas[0] if beta1 is None else beta1, betas[1] if beta2 is None else beta2)
         if float(lr) < 0.0:
@@ -47,16 +49,17 @@ class Adam(StateDtypeLoading):
                         decoupled_weight_decay=decoupled_weight_decay)
         if state_dtype is not None:
             defaults["state_dtype"] = state_dtype
+        add_write_options(defaults, bf16_stochastic_round, kahan_sum, seed)
         super().__init__(params, defaults)
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure_loss(closure)
-        for group in self.param_groups:
+        for group_index, group in enumerate(self.param_groups):
             lr = float(group["lr"])
             beta1, beta2 = group["betas"]
             wd = group["weight_decay"]
-            for p in group["params"]:
+            for position, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
                 state = self.state[p]
@@ -70,7 +73,7 @@ class Adam(StateDtypeLoading):
                 state["step"] += 1
                 t = state["step"].item()
 
-                theta = p.to(dtype)
+                theta = read_param(state, group, p, dtype)
                 g = p.grad.to(dtype)
                 if group["maximize"]:
                     g = -g
@@ -90,7 +93,7 @@ class Adam(StateDtypeLoading):
                 bias_correction2 = 1 - beta2**t
                 denom = v_hat.sqrt() / math.sqrt(bias_correction2) + group["eps"]
                 theta = theta - (lr / bias_correction1) * m / denom
-                p.copy_(theta)
+                store_param(state, group, p, theta, group_index, position)
         return loss
 
 
@@ -100,7 +103,8 @@ class AdamW(Adam):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
                  *, maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
-                 state_dtype=None, beta1=None, beta2=None):
+                 state_dtype=None, beta1=None, beta2=None, bf16_stochastic_round=False, kahan_sum=False, seed=None):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
                          capturable=capturable, differentiable=differentiable, fused=fused,
-                         decoupled_weight_decay=True, state_dtype=state_dtype, beta1=beta1, beta2=beta2)
+                         decoupled_weight_decay=True, state_dtype=state_dtype, beta1=beta1, beta2=beta2,
+                         bf16_stochastic_round=bf16_stochastic_round, kahan_sum=kahan_sum, seed=seed)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.optim import Optimizer
 
 from dldna_fused._closure import closure_loss
+from dldna_fused._rounding import add_write_options, read_param, store_param
 
 
 def dynamic_map(bits: int, signed: bool) -> torch.Tensor:
@@ -130,23 +131,24 @@ class AdamW8bit(_LowBit):
     _decoupled = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *, maximize=False,
-                 block_size=None, min_8bit_size=4096):
+                 block_size=None, min_8bit_size=4096, bf16_stochastic_round=False, kahan_sum=False, seed=None):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
                         bits=self._bits, block_size=block_size or (256 if self._bits == 8 else 128),
                         min_8bit_size=min_8bit_size)
+        add_write_options(defaults, bf16_stochastic_round, kahan_sum, seed)
         super().__init__(params, defaults)
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure_loss(closure)
-        for group in self.param_groups:
+        for group_index, group in enumerate(self.param_groups):
             lr, wd, eps = float(group["lr"]), group["weight_decay"], group["eps"]
             beta1, beta2 = group["betas"]
-            for p in group["params"]:
+            for position, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
                 (m, v), t = self._load(group, p)
-                theta = p.reshape(-1).float()
+                theta = read_param(self.state[p], group, p, torch.float32).reshape(-1)
                 g = p.grad.reshape(-1).float()
                 if group["maximize"]:
                     g = -g
@@ -159,7 +161,7 @@ class AdamW8bit(_LowBit):
                 v = v * beta2 + (1 - beta2) * g * g
                 denom = v.sqrt() / math.sqrt(1 - beta2**t) + eps
                 theta = theta - (lr / (1 - beta1**t)) * m / denom
-                p.copy_(theta.view_as(p))
+                store_param(self.state[p], group, p, theta, group_index, position)
                 self._store(group, p, (m, v))
         return loss
 
@@ -185,27 +187,28 @@ class Lion8bit(_LowBit):
     _keys = (("exp_avg", True),)
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, maximize=False, block_size=256,
-                 min_8bit_size=4096):
+                 min_8bit_size=4096, bf16_stochastic_round=False, kahan_sum=False, seed=None):
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize, bits=8,
                         block_size=block_size, min_8bit_size=min_8bit_size)
+        add_write_options(defaults, bf16_stochastic_round, kahan_sum, seed)
         super().__init__(params, defaults)
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure_loss(closure)
-        for group in self.param_groups:
+        for group_index, group in enumerate(self.param_groups):
             lr, wd = float(group["lr"]), group["weight_decay"]
             beta1, beta2 = group["betas"]
-            for p in group["params"]:
+            for position, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
                 (m,), _ = self._load(group, p)
                 g = p.grad.reshape(-1).float()
                 if group["maximize"]:
                     g = -g
-                theta = p.reshape(-1).float() * (1 - lr * wd)
+                theta = read_param(self.state[p], group, p, torch.float32).reshape(-1) * (1 - lr * wd)
                 theta = theta - lr * (m * beta1 + g * (1 - beta1)).sign()
                 m = m * beta2 + g * (1 - beta2)
-                p.copy_(theta.view_as(p))
+                store_param(self.state[p], group, p, theta, group_index, position)
                 self._store(group, p, (m,))
         return loss

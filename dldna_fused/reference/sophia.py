@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from dldna_fused._closure import closure_loss
+from dldna_fused._rounding import add_write_options, read_param, store_param
 from dldna_fused.reference._state_dtype import StateDtypeLoading
 
 
@@ -21,7 +22,8 @@ class Sophia(StateDtypeLoading):
     :math:`h \leftarrow \beta_2 h + (1-\beta_2)\hat h`. The math runs in the states' dtype."""
 
     def __init__(self, params, lr=1e-4, betas=(0.965, 0.99), rho=0.04, weight_decay=1e-1, *, k=10,
-                 estimator="gnb", bs=1, maximize=False, seed=None, state_dtype=None):
+                 estimator="gnb", bs=1, maximize=False, seed=None, state_dtype=None,
+                 bf16_stochastic_round=False, kahan_sum=False):
         if lr < 0.0 or rho < 0.0 or weight_decay < 0.0 or not bs > 0:
             raise ValueError("lr, rho and weight_decay must be >= 0 and bs > 0")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
@@ -32,6 +34,7 @@ class Sophia(StateDtypeLoading):
                         estimator=estimator, bs=bs, maximize=maximize)
         if state_dtype is not None:
             defaults["state_dtype"] = state_dtype
+        add_write_options(defaults, bf16_stochastic_round, kahan_sum, seed)
         super().__init__(params, defaults)
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
         self.steps_since_hessian = 0
@@ -50,11 +53,11 @@ class Sophia(StateDtypeLoading):
     def step(self, closure=None, bs=None):
         loss = closure_loss(closure)
         unclipped, total, applied = 0, 0, False
-        for group in self.param_groups:
+        for group_index, group in enumerate(self.param_groups):
             lr, wd, rho = group["lr"], group["weight_decay"], group["rho"]
             beta1 = group["betas"][0]
             b = bs if bs is not None else group["bs"]
-            for p in group["params"]:
+            for position, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
                 applied = True
@@ -64,11 +67,11 @@ class Sophia(StateDtypeLoading):
                 g = p.grad.to(m.dtype)
                 if group["maximize"]:
                     g = -g
-                theta = p.to(m.dtype) * (1 - lr * wd)
+                theta = read_param(state, group, p, m.dtype) * (1 - lr * wd)
                 m.mul_(beta1).add_(g * (1 - beta1))
                 ratio = (m.abs() / (rho * b * h + 1e-15)).clamp(max=1)
                 theta = theta - lr * m.sign() * ratio
-                p.copy_(theta)
+                store_param(state, group, p, theta, group_index, position)
                 unclipped += int((ratio < 1).sum())
                 total += ratio.numel()
         # A step that applies nothing (no param has a grad) counts for neither; win_rate is the
