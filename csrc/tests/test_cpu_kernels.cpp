@@ -30,7 +30,8 @@ void expect(bool ok, const std::string& what) {
 using AdamOp = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
                     at::TensorList, double, double, double, double, double, bool, bool, bool,
                     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                    const std::optional<at::Tensor>&);
+                    const std::optional<at::Tensor>&, std::optional<at::TensorList>,
+                    at::OptionalIntArrayRef);
 
 c10::TypedOperatorHandle<AdamOp> adam_op() {
   return c10::Dispatcher::singleton().findSchemaOrThrow("dldna_fused::fused_adam_", "").typed<AdamOp>();
@@ -83,7 +84,7 @@ void test_adam_against_float64(const Case& c) {
     }
     adam_op().call(p, g, m, v, c.amsgrad ? at::TensorList(vmax) : at::TensorList(), steps, lr, beta1,
                    beta2, wd, eps, c.amsgrad, c.maximize, c.decoupled, std::nullopt, std::nullopt,
-                   std::nullopt);
+                   std::nullopt, std::nullopt, std::nullopt);
     for (size_t i = 0; i < sizes.size(); ++i) {
       const std::string where = " (size " + std::to_string(sizes[i]) + ", step " + std::to_string(t) + ")";
       expect(steps[i].item<float>() == static_cast<float>(t), "step counter" + where);
@@ -110,7 +111,7 @@ void test_kernel_builds_agree() {
     at::manual_seed(0);
     auto p = at::randn({n}), g = at::randn({n}), m = at::randn({n}), v = at::rand({n});
     const auto c = dldna_fused::adam_coefficients(1e-2, 0.9, 0.999, 0.0, 1e-8, 1.0, 1.f, false, false, true);
-    dldna_fused::cpu::AdamTensorArgs args{p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), nullptr, c};
+    dldna_fused::cpu::AdamTensorArgs args{p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), nullptr, c, {}};
     dldna_fused::cpu::AdamLaunch launch{dldna_fused::cpu::Dtype::Float, dldna_fused::cpu::Dtype::Float, &args, 0.f};
     dldna_fused::cpu::Chunk chunk{0, 0, n};
     table->adam(launch, &chunk, 1);
@@ -128,7 +129,7 @@ void test_kernel_builds_agree() {
     g.index_put_({at::indexing::Slice(0, 5)}, 0.0);
     m.index_put_({at::indexing::Slice(0, 5)}, 0.0);
     g.index_put_({5}, std::nan(""));
-    dldna_fused::cpu::LionTensorArgs largs{p.data_ptr(), g.data_ptr(), m.data_ptr()};
+    dldna_fused::cpu::LionTensorArgs largs{p.data_ptr(), g.data_ptr(), m.data_ptr(), {}};
     const dldna_fused::cpu::LionLaunch llaunch{
         dldna_fused::cpu::Dtype::Float, dldna_fused::cpu::Dtype::Float,
         dldna_fused::lion_coefficients(1e-2, 0.9, 0.99, 0.1, 1.f, false), &largs, 0.f};
@@ -137,7 +138,7 @@ void test_kernel_builds_agree() {
     lion.push_back(p);
 
     auto q = at::randn({n}), gq = at::randn({n}), mq = at::randn({n}), h = at::rand({n});
-    dldna_fused::cpu::SophiaTensorArgs sargs{q.data_ptr(), gq.data_ptr(), mq.data_ptr(), h.data_ptr()};
+    dldna_fused::cpu::SophiaTensorArgs sargs{q.data_ptr(), gq.data_ptr(), mq.data_ptr(), h.data_ptr(), {}};
     std::atomic<int64_t> count{0};
     const dldna_fused::cpu::SophiaLaunch slaunch{
         dldna_fused::cpu::Dtype::Float, dldna_fused::cpu::Dtype::Float,
@@ -176,9 +177,9 @@ void test_adafactor_kernel_builds_agree() {
     cpu::AdafactorTensorArgs args[2] = {
         {p.data_ptr(), g.data_ptr(), row.data_ptr<float>(), col.data_ptr<float>(), nullptr,
          m.data_ptr<float>(), rows, cols, decay, row_mean.data_ptr<float>(),
-         col_rsqrt.data_ptr<float>(), apply},
+         col_rsqrt.data_ptr<float>(), apply, {}},
         {q.data_ptr(), gq.data_ptr(), nullptr, nullptr, sq.data_ptr<float>(), nullptr, 0, 0, decay,
-         nullptr, nullptr, {0.01f, 1.f, 0.f, 1.f, false}}};
+         nullptr, nullptr, {0.01f, 1.f, 0.f, 1.f, false}, {}}};
     const cpu::Chunk units[2] = {{0, 0, rows * cols}, {1, 0, n}};
     const int64_t col_offsets[2] = {0, -1};
     const cpu::AdafactorLaunch launch{cpu::Dtype::Float, 1e-30f, 0.5f, args, units, col_offsets,
@@ -245,13 +246,13 @@ void test_argument_checks() {
   auto p = at::zeros({4}), g = at::zeros({4}), m = at::zeros({4}), v = at::zeros({4});
   auto step = at::zeros({});
   std::vector<at::Tensor> ps{p}, gs{g}, ms{m}, vs{v}, steps{step}, none{};
-  expect_error([&] { adam_op().call(ps, none, ms, vs, none, steps, 1e-3, 0.9, 0.999, 0., 1e-8, false, false, false, std::nullopt, std::nullopt, std::nullopt); }, "grads");
-  expect_error([&] { adam_op().call(ps, gs, ms, vs, none, steps, -1., 0.9, 0.999, 0., 1e-8, false, false, false, std::nullopt, std::nullopt, std::nullopt); }, "lr");
-  expect_error([&] { adam_op().call(ps, gs, ms, vs, none, steps, 1e-3, 1.0, 0.999, 0., 1e-8, false, false, false, std::nullopt, std::nullopt, std::nullopt); }, "beta1");
+  expect_error([&] { adam_op().call(ps, none, ms, vs, none, steps, 1e-3, 0.9, 0.999, 0., 1e-8, false, false, false, std::nullopt, std::nullopt, std::nullopt, std::nullopt, std::nullopt); }, "grads");
+  expect_error([&] { adam_op().call(ps, gs, ms, vs, none, steps, -1., 0.9, 0.999, 0., 1e-8, false, false, false, std::nullopt, std::nullopt, std::nullopt, std::nullopt, std::nullopt); }, "lr");
+  expect_error([&] { adam_op().call(ps, gs, ms, vs, none, steps, 1e-3, 1.0, 0.999, 0., 1e-8, false, false, false, std::nullopt, std::nullopt, std::nullopt, std::nullopt, std::nullopt); }, "beta1");
   std::vector<at::Tensor> bad_g{at::zeros({5})};
-  expect_error([&] { adam_op().call(ps, bad_g, ms, vs, none, steps, 1e-3, 0.9, 0.999, 0., 1e-8, false, false, false, std::nullopt, std::nullopt, std::nullopt); }, "grads[0] has shape");
+  expect_error([&] { adam_op().call(ps, bad_g, ms, vs, none, steps, 1e-3, 0.9, 0.999, 0., 1e-8, false, false, false, std::nullopt, std::nullopt, std::nullopt, std::nullopt, std::nullopt); }, "grads[0] has shape");
   std::vector<at::Tensor> p64{at::zeros({4}, at::kDouble)}, g64{at::zeros({4}, at::kDouble)};
-  expect_error([&] { adam_op().call(p64, g64, ms, vs, none, steps, 1e-3, 0.9, 0.999, 0., 1e-8, false, false, false, std::nullopt, std::nullopt, std::nullopt); }, "float32, bfloat16 or float16");
+  expect_error([&] { adam_op().call(p64, g64, ms, vs, none, steps, 1e-3, 0.9, 0.999, 0., 1e-8, false, false, false, std::nullopt, std::nullopt, std::nullopt, std::nullopt, std::nullopt); }, "float32, bfloat16 or float16");
   expect(step.item<float>() == 0.f && p.abs().sum().item<float>() == 0.f, "rejected calls change nothing");
 }
 
