@@ -52,6 +52,10 @@ echo "clip bench exit $?" | tee -a "$out/summary.txt"
 # 8-bit and 4-bit states (the CUDA parity tests against the CPU are in tests.log: test_lowbit.py).
 timeout 60 "$py" -m dldna_fused bench --device cuda --optimizer adamw8bit,adamw4bit,lion8bit --no-progress --json "$out/bench_lowbit.json" >> "$out/bench.txt" 2>&1
 echo "low-bit bench exit $?" | tee -a "$out/summary.txt"
+# bf16 params written to nearest, stochastically rounded and Kahan-compensated (the parity of the
+# CUDA writes with the CPU's is test_bf16_writes.py's, in tests.log).
+timeout 60 "$py" -m dldna_fused bench --device cuda --optimizer adamw-bf16,adamw8bit-bf16 --no-progress --json "$out/bench_bf16.json" >> "$out/bench.txt" 2>&1
+echo "bf16 writes bench exit $?" | tee -a "$out/summary.txt"
 # AdaFactor at LLaMA-7B shapes (bf16): the step's peak workspace from the allocator, and its time.
 timeout 60 "$py" benchmarks/adafactor_memory.py --device cuda --dtype bfloat16 > "$out/adafactor_memory.txt" 2>&1
 echo "adafactor memory exit $?: $(tail -2 "$out/adafactor_memory.txt" | tr '\n' ' ')" | tee -a "$out/summary.txt"

@@ -1,13 +1,18 @@
-"""Does quantizing the optimizer states cost quality? AdamW with fp32, 8-bit and 4-bit states on
-the same models, data and seeds, every param's states quantized (min_8bit_size=0, since these
-models are small):
+"""Do low-precision states or params cost quality? On the same models, data and seeds:
 
 * the digits MLP (scikit-learn's digits, 64-128-10), full-batch steps, loss on the test split;
 * a 2-layer transformer LM on synthetic sequences: tokens from a fixed random second-order Markov
   chain (vocabulary 32, length 64), next-token loss on held-out sequences.
 
+Default: AdamW with fp32, 8-bit and 4-bit states, every param's states quantized (min_8bit_size=0,
+since these models are small). With --bf16, pure-bf16 training (issue 25): fp32 params and AdamW
+against bf16 params with fp32 states written to nearest, with stochastic
+rounding, with Kahan summation, and with stochastic rounding and AdamW8bit (the MLP computes in
+bf16; the LM reads its bf16 weights as fp32, see lm_logits); the LM also runs at a 10x smaller lr,
+where writing to nearest loses most updates.
+
 Prints the final losses (mean over seeds) and their ratio to fp32, and writes the curves.
-    usage: python benchmarks/lowbit_quality.py [--out DIR] [--seeds N]
+    usage: python benchmarks/lowbit_quality.py [--out DIR] [--seeds N] [--bf16]
 """
 
 from __future__ import annotations
@@ -24,28 +29,41 @@ import torch.nn.functional as F
 from dldna_fused import optim
 from dldna_fused.experiments.data import get_dataset
 
+# name -> (params' dtype, make_opt(params, lr, seed))
 OPTIMIZERS = {
-    "AdamW fp32": lambda ps, lr: optim.AdamW(ps, lr=lr),
-    "AdamW8bit": lambda ps, lr: optim.AdamW8bit(ps, lr=lr, min_8bit_size=0),
-    "AdamW4bit": lambda ps, lr: optim.AdamW4bit(ps, lr=lr, min_8bit_size=0),
+    "AdamW fp32": (torch.float32, lambda ps, lr, seed: optim.AdamW(ps, lr=lr)),
+    "AdamW8bit": (torch.float32, lambda ps, lr, seed: optim.AdamW8bit(ps, lr=lr, min_8bit_size=0)),
+    "AdamW4bit": (torch.float32, lambda ps, lr, seed: optim.AdamW4bit(ps, lr=lr, min_8bit_size=0)),
+}
+BF16_SETUPS = {
+    "fp32 params, AdamW": (torch.float32, lambda ps, lr, seed: optim.AdamW(ps, lr=lr)),
+    "bf16, fp32 states, nearest": (torch.bfloat16, lambda ps, lr, seed: optim.AdamW(
+        ps, lr=lr, state_dtype=torch.float32)),
+    "bf16, stochastic rounding": (torch.bfloat16, lambda ps, lr, seed: optim.AdamW(
+        ps, lr=lr, state_dtype=torch.float32, bf16_stochastic_round=True, seed=seed)),
+    "bf16, Kahan summation": (torch.bfloat16, lambda ps, lr, seed: optim.AdamW(
+        ps, lr=lr, state_dtype=torch.float32, kahan_sum=True)),
+    "bf16, stochastic rounding, AdamW8bit": (torch.bfloat16, lambda ps, lr, seed: optim.AdamW8bit(
+        ps, lr=lr, min_8bit_size=0, bf16_stochastic_round=True, seed=seed)),
 }
 
 
-def digits_curve(make_opt, seed: int, steps: int = 200) -> list[float]:
+def digits_curve(setup, seed: int, steps: int = 200, lr: float = 1e-3) -> list[float]:
+    dtype, make_opt = setup
     train, test = get_dataset("digits")
-    x, y = train.tensors[0].flatten(1), train.tensors[1]
-    x_test, y_test = test.tensors[0].flatten(1), test.tensors[1]
+    x, y = train.tensors[0].flatten(1).to(dtype), train.tensors[1]
+    x_test, y_test = test.tensors[0].flatten(1).to(dtype), test.tensors[1]
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
-    opt = make_opt(model.parameters(), 1e-3)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)).to(dtype)
+    opt = make_opt(model.parameters(), lr, seed)
     losses = []
     for _ in range(steps):
-        loss = F.cross_entropy(model(x), y)
+        loss = F.cross_entropy(model(x).float(), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
         with torch.no_grad():
-            losses.append(F.cross_entropy(model(x_test), y_test).item())
+            losses.append(F.cross_entropy(model(x_test).float(), y_test).item())
     return losses
 
 
@@ -78,23 +96,34 @@ def markov_sequences(count: int, length: int = 64, vocab: int = 32, seed: int = 
     return seqs
 
 
-def lm_curve(make_opt, seed: int, steps: int = 300, batch: int = 32) -> list[float]:
+def lm_logits(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """The LM's logits in fp32. bf16 params are read as fp32 for the forward (their grads come back
+    in bf16): this CPU has no bf16 matmul units, so a bf16 forward would take 4x as long, and the
+    set-ups differ only in how the optimizer writes the params, which this keeps whole."""
+    params = dict(model.named_parameters())
+    if next(iter(params.values())).dtype == torch.float32:
+        return model(tokens)
+    return torch.func.functional_call(model, {k: v.float() for k, v in params.items()}, (tokens,))
+
+
+def lm_curve(setup, seed: int, steps: int = 300, batch: int = 32, lr: float = 3e-3) -> list[float]:
+    dtype, make_opt = setup
     train, test = markov_sequences(4096, seed=1), markov_sequences(256, seed=2)
     torch.manual_seed(seed)
-    model = TinyLM()
-    opt = make_opt(model.parameters(), 3e-3)
+    model = TinyLM().to(dtype)
+    opt = make_opt(model.parameters(), lr, seed)
     g = torch.Generator().manual_seed(seed)
     losses = []
     for step in range(steps):
         tokens = train[torch.randint(len(train), (batch,), generator=g)]
-        loss = F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+        loss = F.cross_entropy(lm_logits(model, tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
         opt.zero_grad()
         loss.backward()
         opt.step()
         if step % 10 == 9:
             with torch.no_grad():
                 model.eval()
-                held_out = F.cross_entropy(model(test[:, :-1]).flatten(0, 1), test[:, 1:].flatten()).item()
+                held_out = F.cross_entropy(lm_logits(model, test[:, :-1]).flatten(0, 1), test[:, 1:].flatten()).item()
                 model.train()
             losses.append(held_out)
     return losses
@@ -102,41 +131,52 @@ def lm_curve(make_opt, seed: int, steps: int = 300, batch: int = 32) -> list[flo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="results/lowbit_quality")
+    parser.add_argument("--out", default=None, help="default results/lowbit_quality (--bf16: results/bf16_quality)")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--bf16", action="store_true", help="the pure-bf16 set-ups instead of the low-bit states")
     args = parser.parse_args()
+    if args.out is None:
+        args.out = "results/bf16_quality" if args.bf16 else "results/lowbit_quality"
     os.makedirs(args.out, exist_ok=True)
+    setups = BF16_SETUPS if args.bf16 else OPTIMIZERS
     tasks = {"digits MLP (test loss)": digits_curve, "transformer LM (held-out loss)": lm_curve}
+    if args.bf16:
+        tasks["transformer LM, lr 3e-4 (held-out loss)"] = lambda setup, seed: lm_curve(setup, seed, lr=3e-4)
     curves: dict = {}
     for task, curve in tasks.items():
-        for name, make_opt in OPTIMIZERS.items():
-            curves[(task, name)] = [curve(make_opt, seed) for seed in range(args.seeds)]
-    print(f"final loss, mean over {args.seeds} seeds (ratio to fp32)")
+        for name, setup in setups.items():
+            curves[(task, name)] = [curve(setup, seed) for seed in range(args.seeds)]
+    base_name = next(iter(setups))
+    print(f"final loss, mean over {args.seeds} seeds (ratio to {base_name}; min and max over seeds)")
     summary = {}
+    width = max(map(len, setups))
     for task in tasks:
-        base = statistics.mean(c[-1] for c in curves[(task, "AdamW fp32")])
-        for name in OPTIMIZERS:
-            final = statistics.mean(c[-1] for c in curves[(task, name)])
-            summary[f"{task} / {name}"] = final
-            print(f"  {task:32s} {name:11s} {final:.4f}  ({final / base:.4f})")
+        print(f"  {task}")
+        base = statistics.mean(c[-1] for c in curves[(task, base_name)])
+        for name in setups:
+            finals = [c[-1] for c in curves[(task, name)]]
+            final = statistics.mean(finals)
+            summary[f"{task} / {name}"] = {"mean": final, "ratio": final / base, "seeds": finals}
+            print(f"    {name:{width}s} {final:.4f}  ({final / base:.4f})  [{min(finals):.4f}, {max(finals):.4f}]")
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
 
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(tasks), figsize=(11, 3.8))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 3.8))
     for ax, task in zip(axes, tasks):
-        for name in OPTIMIZERS:
+        for name in setups:
             runs = torch.tensor(curves[(task, name)])
             x = torch.arange(1, runs.shape[1] + 1) * (1 if "digits" in task else 10)
             ax.plot(x, runs.mean(0), label=name)
         ax.set_title(task)
         ax.set_xlabel("step")
         ax.set_yscale("log")
-        ax.legend()
+        ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "lowbit_quality.png"), dpi=110)
-    print(f"curves: {os.path.join(args.out, 'lowbit_quality.png')}")
+    image = os.path.join(args.out, "bf16_quality.png" if args.bf16 else "lowbit_quality.png")
+    fig.savefig(image, dpi=110)
+    print(f"curves: {image}")
 
 
 if __name__ == "__main__":

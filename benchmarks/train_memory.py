@@ -1,5 +1,6 @@
 """Peak host memory of training steps per parameter, for the memory set-ups of issue 25: fp32 AdamW,
-bf16 params with fp32 states, bf16 with AdamW8bit, and the same with the step inside backward.
+bf16 params with fp32 states, bf16 with AdamW8bit and stochastic rounding, and the same with the
+step inside backward (and, for comparison, Kahan summation's extra bf16 state).
 
 Each set-up runs in a fresh process: build the model (a stack of Linear(W, W) layers, ~200M
 params at the defaults), take a few training steps on a small batch, and report the peak resident
@@ -17,11 +18,17 @@ import resource
 import subprocess
 import sys
 
+STOCHASTIC = {"bf16_stochastic_round": True, "seed": 0}
+BACKWARD_ONLY = "bf16 params, backward only, each grad dropped on arrival"
 SETUPS = {
     "fp32 params, fp32 AdamW": ("float32", "AdamW", {}, False),
     "bf16 params, AdamW with fp32 states": ("bfloat16", "AdamW", {"state_dtype": "float32"}, False),
-    "bf16 params, AdamW8bit": ("bfloat16", "AdamW8bit", {}, False),
-    "bf16 params, AdamW8bit, step inside backward": ("bfloat16", "AdamW8bit", {}, True),
+    "bf16 params, AdamW8bit, stochastic rounding": ("bfloat16", "AdamW8bit", STOCHASTIC, False),
+    "bf16, AdamW8bit, stochastic rounding, step in backward": ("bfloat16", "AdamW8bit", STOCHASTIC, True),
+    "bf16, AdamW8bit, Kahan summation, step in backward": ("bfloat16", "AdamW8bit", {"kahan_sum": True}, True),
+    # No optimizer: each grad is dropped as it arrives. What remains over the 2 bytes of the params is
+    # the backward's own memory: activations, and the transients of one layer's weight gradient.
+    BACKWARD_ONLY: ("bfloat16", None, {}, True),
 }
 
 
@@ -42,19 +49,24 @@ def measure(setup: str, layers: int, width: int, steps: int) -> dict:
     # A warm-up on a small model of the same kind, so that the libraries' lazy loading and thread
     # pools are in the starting resident set rather than counted as the training's memory.
     small = torch.nn.Linear(64, 64, dtype=dtype)
-    small_opt = getattr(optim, cls_name)(small.parameters(), lr=1e-4, **options)
+    small_opt = getattr(optim, cls_name or "AdamW")(small.parameters(), lr=1e-4, **options)
     small(torch.randn(2, 64, dtype=dtype)).float().sum().backward()
     small_opt.step()
     del small, small_opt
     before = _rss_bytes()
     model = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False, dtype=dtype) for _ in range(layers)])
     params = sum(p.numel() for p in model.parameters())
-    opt = getattr(optim, cls_name)(model.parameters(), lr=1e-4, **options)
-    handle = optim.step_in_backward(model, opt) if in_backward else None
+    if cls_name is None:
+        opt = None
+        for p in model.parameters():
+            p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+    else:
+        opt = getattr(optim, cls_name)(model.parameters(), lr=1e-4, **options)
+    handle = optim.step_in_backward(model, opt) if in_backward and opt is not None else None
     for _ in range(steps):
         loss = model(x).float().pow(2).mean()
         loss.backward()
-        if handle is None:
+        if handle is None and opt is not None:
             opt.step()
             opt.zero_grad()
     peak = _rss_bytes()
@@ -73,13 +85,22 @@ def main() -> None:
         print(json.dumps(measure(args.one, args.layers, args.width, args.steps)))
         return
     print(f"{args.layers} x Linear({args.width}, {args.width}), {args.steps} steps, batch 8; peak RSS growth per param")
+    rows = {}
     for setup in SETUPS:
         out = subprocess.run([sys.executable, __file__, "--one", setup, "--layers", str(args.layers),
                               "--width", str(args.width), "--steps", str(args.steps)],
                              capture_output=True, text=True, check=True).stdout
         row = json.loads(out.strip().splitlines()[-1])
-        print(f"  {setup:48s} {row['bytes_per_param']:6.2f} bytes/param "
+        rows[setup] = row
+        print(f"  {setup:56s} {row['bytes_per_param']:6.2f} bytes/param "
               f"({row['peak_minus_start_bytes'] / 2**30:.2f} GiB for {row['params'] / 1e6:.0f}M params)")
+
+    # The backward's own memory (activations, one layer's gradient transients), above the params.
+    backward = rows[BACKWARD_ONLY]["bytes_per_param"] - 2.0
+    print(f"the backward's own memory: {backward:.2f} bytes/param; the step-in-backward set-ups above it:")
+    for setup, (_, cls_name, _, in_backward) in SETUPS.items():
+        if in_backward and cls_name is not None:
+            print(f"  {setup:56s} {rows[setup]['bytes_per_param'] - backward:6.2f} bytes/param")
 
 
 if __name__ == "__main__":

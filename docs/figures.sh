@@ -21,6 +21,7 @@ run() { echo "\$ dldna-fused $*"; "$py" -m dldna_fused "$@" --no-progress; echo;
   run init --dataset digits --out "$out/init"
   run landscape --extras all --out "$out/landscape"
   echo "\$ python benchmarks/lowbit_quality.py"; "$py" benchmarks/lowbit_quality.py --out "$out/lowbit"
+  echo "\$ python benchmarks/lowbit_quality.py --bf16"; "$py" benchmarks/lowbit_quality.py --bf16 --out "$out/bf16"
 } 2>&1 | tee "$out/figures.log"
 cp "$out/compare/curves_test.png" docs/images/compare_digits_mlp_test.png
 cp "$out/init/variance.png" docs/images/init_variance_digits.png
@@ -29,4 +30,5 @@ for f in surface_hessian_contour surface_hessian_3d surface_random_contour surfa
   cp "$out/landscape/$f.png" "docs/images/landscape_$f.png"
 done
 cp "$out/lowbit/lowbit_quality.png" docs/images/lowbit_quality.png
+cp "$out/bf16/bf16_quality.png" docs/images/bf16_quality.png
 echo "figures copied to docs/images; numbers in $out/figures.log"
