@@ -182,6 +182,12 @@ class CPUOffloadOptimizer(Optimizer):
             raise ValueError(f"{_NAME}: bucket_bytes must be an int >= 4, got {bucket_bytes!r}")
         if kwargs.get("max_grad_norm") is not None and not issubclass(optimizer_class, FusedOptimizer):
             raise ValueError(f"{_NAME}: max_grad_norm needs a dldna_fused.optim class, not {optimizer_class.__name__}")
+        for option in ("bf16_stochastic_round", "kahan_sum"):
+            if kwargs.get(option):
+                # They shape how bf16 params are written; the host masters are fp32 and copied back
+                # to the device rounded to nearest, so they would silently do nothing.
+                raise ValueError(f"{_NAME}: {option}=True does nothing here: the host masters are fp32, so the "
+                                 "params keep their full precision on the host; leave it out")
         self.optimizer_class = optimizer_class
         self.bucket_bytes = bucket_bytes
         self.overlap_step = bool(overlap_step)

@@ -417,6 +417,9 @@ def test_errors_name_what_was_wrong():
         CPUOffloadOptimizer(model.parameters(), optim.AdamW, bucket_bytes=0)
     with pytest.raises(ValueError, match="max_grad_norm needs a dldna_fused.optim class"):
         CPUOffloadOptimizer(model.parameters(), torch.optim.AdamW, max_grad_norm=1.0)
+    for option in ("bf16_stochastic_round", "kahan_sum"):  # fp32 masters: they would do nothing
+        with pytest.raises(ValueError, match=f"{option}=True does nothing here: the host masters are fp32"):
+            CPUOffloadOptimizer(model.parameters(), optim.AdamW, **{option: True})
     with pytest.raises(ValueError, match="Invalid learning rate"):
         CPUOffloadOptimizer(model.parameters(), optim.AdamW, lr=-1.0)
     with pytest.raises(ValueError, match="meta"):

@@ -10,11 +10,12 @@
 //   above or below it in magnitude with probability proportional to its distance from the other
 //   one, so E[write] = x and small updates survive on average. With r uniform in [0, 2^16), that
 //   is (bits(x) + r) with the low 16 bits cleared. r comes from a counter-based generator keyed by
-//   (seed, param, step, element): the Python class turns (seed, group, position in group) into a
-//   64-bit key per param (dldna_fused/optim/_rounding.py), the op mixes in the param's step count
-//   after the increment, and random_bits16 hashes that salt with the element's index in the
-//   param's memory order. No state, no stream, no thread id: the same bits for any thread count,
-//   chunking or launch split, and for the reference (dldna_fused/reference/_rounding.py).
+//   (seed, param, step, element): the Python class turns (seed, group, position in group, shard
+//   rank) into a 64-bit key per param (param_key in dldna_fused/_rounding.py), the op mixes in the
+//   param's step count after the increment, and random_bits16 hashes that salt with the element's
+//   row-major index in the param (the ops run a non-contiguous param on a contiguous copy under
+//   these modes). No state, no stream, no thread id: the same bits for any thread count, chunking
+//   or launch split, and for the references, which draw them in torch ops (dldna_fused/_rounding.py).
 // - Kahan summation (kahan_sum=True): a bf16 compensation state c per param holds what the last
 //   write lost. The update runs on x = p + c (fp32), then p = round_nearest(x) and
 //   c = round_nearest(x - p), so p + c carries ~16 significant bits between steps; x - p is exact

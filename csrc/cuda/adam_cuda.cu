@@ -53,7 +53,8 @@ struct AdamFunctor {
     const DeviceParamWrite w = param_write(meta, tensor, a.round_mode);
     int64_t i = begin;
     // The vector path writes to nearest; the other modes take the per-element one.
-    const bool aligned = a.round_mode == RoundMode::Nearest && is_pack_aligned<kIlp>(param + begin) && is_pack_aligned<kIlp>(grad + begin) &&
+    const bool aligned = a.round_mode == RoundMode::Nearest && is_pack_aligned<kIlp>(param + begin) &&
+                         is_pack_aligned<kIlp>(grad + begin) &&
                          is_pack_aligned<kIlp>(exp_avg + begin) &&
                          is_pack_aligned<kIlp>(exp_avg_sq + begin) &&
                          (!kAmsgrad || is_pack_aligned<kIlp>(max_exp_avg_sq + begin));

@@ -140,7 +140,8 @@ class Adafactor(FusedOptimizer):
                         weight_decay=weight_decay, scale_parameter=scale_parameter,
                         relative_step=relative_step, warmup_init=warmup_init)
         super().__init__(params, defaults, foreach=None, differentiable=False, fused=None, state_dtype=None,
-                         max_grad_norm=max_grad_norm, bf16_stochastic_round=bf16_stochastic_round, kahan_sum=kahan_sum, seed=seed)
+                         max_grad_norm=max_grad_norm,
+                         bf16_stochastic_round=bf16_stochastic_round, kahan_sum=kahan_sum, seed=seed)
 
     _fp32_states_only = True
     _scalar_state_keys = ("step", "RMS")

@@ -325,7 +325,8 @@ class AdamW8bit(_LowBitOptimizer):
                         bits=self._bits, block_size=block_size or (256 if self._bits == 8 else 128),
                         min_8bit_size=min_8bit_size)
         super().__init__(params, defaults, foreach=None, differentiable=False, fused=None, state_dtype=None,
-                         max_grad_norm=max_grad_norm, bf16_stochastic_round=bf16_stochastic_round, kahan_sum=kahan_sum, seed=seed)
+                         max_grad_norm=max_grad_norm,
+                         bf16_stochastic_round=bf16_stochastic_round, kahan_sum=kahan_sum, seed=seed)
 
     @staticmethod
     def _check_options(options: dict) -> None:
@@ -379,12 +380,13 @@ class Lion8bit(_LowBitOptimizer):
 
     def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0,
                  *, maximize: bool = False, block_size: int = 256, min_8bit_size: int = 4096,
-                 max_grad_norm: float | None = None, bf16_stochastic_round: bool = False, kahan_sum: bool = False,
-                 seed: int | None = None):
+                 max_grad_norm: float | None = None, bf16_stochastic_round: bool = False,
+                 kahan_sum: bool = False, seed: int | None = None):
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize, bits=8,
                         block_size=block_size, min_8bit_size=min_8bit_size)
         super().__init__(params, defaults, foreach=None, differentiable=False, fused=None, state_dtype=None,
-                         max_grad_norm=max_grad_norm, bf16_stochastic_round=bf16_stochastic_round, kahan_sum=kahan_sum, seed=seed)
+                         max_grad_norm=max_grad_norm,
+                         bf16_stochastic_round=bf16_stochastic_round, kahan_sum=kahan_sum, seed=seed)
 
     @staticmethod
     def _check_options(options: dict) -> None:
