@@ -448,3 +448,23 @@ def test_writes_with_grad_scaler_and_clipping(option, mode):
     # The reference clips grads rounded to bf16 element by element; ours clip inside the kernel in
     # fp32, so a write may land an ulp apart where that rounding moved the update.
     assert differing <= max(1, total // (1000 if option == "grad_scaler" else 20)), f"{differing} of {total}"
+
+
+def test_a_step_that_fails_leaves_a_stale_comp_in_place():
+    # kahan_sum switched off in group 0 and a bad option in group 1: the step raises before anything
+    # moves, the compensation included; once fixed, the step drops it with its warning.
+    p = torch.nn.Parameter(torch.randn(8, dtype=torch.bfloat16))
+    q = torch.nn.Parameter(torch.randn(8, dtype=torch.bfloat16))
+    opt = optim.AdamW([{"params": [p]}, {"params": [q]}], lr=1e-3, kahan_sum=True)
+    p.grad, q.grad = torch.randn_like(p), torch.randn_like(q)
+    opt.step()
+    comp = opt.state[p]["kahan_comp"]
+    opt.param_groups[0]["kahan_sum"] = False
+    opt.param_groups[1]["lr"] = -1.0
+    with pytest.raises(ValueError, match="param group 1"):
+        opt.step()
+    assert opt.state[p]["kahan_comp"] is comp
+    opt.param_groups[1]["lr"] = 1e-3
+    with pytest.warns(UserWarning, match="param group 0: kahan_sum is off"):
+        opt.step()
+    assert "kahan_comp" not in opt.state[p] and "kahan_comp" in opt.state[q]

@@ -143,11 +143,13 @@ class FusedOptimizer(CachedGroupLists, StateDictLoading, Optimizer):
             self._invalidate_lists()  # an entry of self.state was added, replaced or removed
         log: list = []
         self.__dict__["_new_states"] = log
+        self.__dict__.pop("_stale_comps", None)
         try:
             entries = [self._group_lists(index, group, has_grad, build, (options(group), *_write_options(group)))
                        for index, (group, _, has_grad) in enumerate(gathered)]
             factors = self._clip_factors(gathered) if clip else {}
         except BaseException:
+            self.__dict__.pop("_stale_comps", None)
             for p, key in reversed(log):
                 state = self.state.get(p)
                 if state is not None:
@@ -158,6 +160,7 @@ class FusedOptimizer(CachedGroupLists, StateDictLoading, Optimizer):
             raise
         finally:
             self.__dict__["_new_states"] = None
+        self._drop_stale_comps()
         if not compiling and "_state_snapshot" not in self.__dict__:
             self.__dict__["_state_snapshot"] = (self.state, _C.dict_items(self.state))
         self.__dict__["_step_clip_factors"] = factors  # for work outside the op calls (sharded AdaFactor)

@@ -144,19 +144,26 @@ class CachedGroupLists:
                     self._record_new_state(p, "kahan_comp")
                 comps = [self.state[p]["kahan_comp"] for p in params]
             elif key[1] == torch.bfloat16 and params and any("kahan_comp" in self.state[p] for p in params):
-                # kahan_sum switched off: the compensation would be stale if it came back on.
-                stale = [p for p in params if "kahan_comp" in self.state[p]]
-                for p in stale:
-                    del self.state[p]["kahan_comp"]
-                warnings.warn(f"{type(self).__name__}: param group {index}: kahan_sum is off; dropped the "
-                              f"'kahan_comp' of {len(stale)} param(s), each losing the part of its value below "
-                              "bf16 precision", stacklevel=4)
+                # kahan_sum switched off: the compensation would be stale if it came back on. It
+                # goes once every group has passed its checks (_drop_stale_comps).
+                self.__dict__.setdefault("_stale_comps", []).append(
+                    (index, [p for p in params if "kahan_comp" in self.state[p]]))
             if key[1] == torch.bfloat16 and params and stochastic and not kahan:
                 rank = _shard_rank(params[0])
                 keys = [param_key(group["seed"], index, position, rank)
                         for position in (idx if idx is not None else range(len(params)))]
             out.append((key, idx, [*lists, (comps, "kahan_comp" if comps else None), (keys, "sr_keys")]))
         return out
+
+    def _drop_stale_comps(self) -> None:
+        """Drops the compensations _with_param_writes found in groups with kahan_sum off, with a
+        warning; called when a step's lists have all been built and checked."""
+        for index, stale in self.__dict__.pop("_stale_comps", []):
+            for p in stale:
+                self.state[p].pop("kahan_comp", None)
+            warnings.warn(f"{type(self).__name__}: param group {index}: kahan_sum is off; dropped the "
+                          f"'kahan_comp' of {len(stale)} param(s), each losing the part of its value below "
+                          "bf16 precision", stacklevel=4)
 
     def _check_lists(self, index: int, group: dict, entries: list) -> None:
         """Checks the lists ``build`` made for group ``index`` before any op runs: params on a
