@@ -468,3 +468,44 @@ def test_a_step_that_fails_leaves_a_stale_comp_in_place():
     with pytest.warns(UserWarning, match="param group 0: kahan_sum is off"):
         opt.step()
     assert "kahan_comp" not in opt.state[p] and "kahan_comp" in opt.state[q]
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("name,options", [
+    ("adam", dict(maximize=True, amsgrad=True)), ("adamw", dict(tensor_lr=True)),
+    ("adamw8bit", dict(maximize=True, tensor_lr=True)), ("lion", dict(maximize=True)),
+])
+def test_writes_with_the_other_flags(name, options, mode):
+    # The writes under each op's other flags and overloads (amsgrad's extra state, the tensor-lr
+    # overload of fused_adam_ and fused_adam_lowbit_), over the bf16 zoo, against the references.
+    fused_cls, ref_cls, kwargs, _ = OPTIMIZERS[name]
+    kwargs = dict(kwargs, **MODES[mode], **{k: v for k, v in options.items() if k != "tensor_lr"})
+    if name in FP32_STATES:
+        kwargs["state_dtype"] = torch.float32
+    ours_kwargs = dict(kwargs, lr=torch.tensor(kwargs["lr"])) if options.get("tensor_lr") else kwargs
+    starts = zoo("bf16")
+    grads = zoo_grads(starts, STEPS)
+    ours, _ = _run(fused_cls, ours_kwargs, starts, grads)
+    theirs, _ = _run(ref_cls, kwargs, starts, grads)
+    differing = sum(int((p.float() != q.float()).sum()) for p, q in zip(ours, theirs))
+    assert differing <= max(1, sum(p.numel() for p in ours) // 1000), differing
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_a_param_listed_twice_is_written_twice_in_order(mode):
+    # torch.optim warns and steps a duplicated param twice in sequence; the fused step runs the
+    # second occurrence in a second call, with its own key, as the reference's second pass.
+    def run(cls):
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 300).bfloat16())
+        with pytest.warns(UserWarning, match="duplicate"):
+            opt = cls([p, p], lr=1e-2, state_dtype=torch.float32, **MODES[mode])
+        for step in range(3):
+            p.grad = torch.randn(300, generator=torch.Generator().manual_seed(step)).bfloat16()
+            opt.step()
+        return p, opt
+
+    (a, fused), (b, ref) = run(optim.AdamW), run(reference.AdamW)
+    assert int((a.float() != b.float()).sum()) <= 1
+    if mode == "kahan":
+        assert bool(((fused.state[a]["kahan_comp"].float() - ref.state[b]["kahan_comp"].float()).abs()
+                     <= 2 ** -8 * b.float().abs() + 1e-30).all())

@@ -107,22 +107,20 @@ void adafactor_reduce_unfactored(const AdafactorLaunch& launch, const AdafactorT
 
 inline void adafactor_reduce_units(const AdafactorLaunch& launch, const Chunk* units,
                                    int64_t num_units) {
-  dispatch_param(launch.param_dtype, [&](auto p_tag) {
+  // This pass only reads p: Kahan reads p + c, every other mode reads as Nearest does.
+  const RoundMode read = launch.round_mode == RoundMode::Kahan ? RoundMode::Kahan : RoundMode::Nearest;
+  dispatch_param_round(launch.param_dtype, read, [&](auto p_tag, auto mode) {
     using P = decltype(p_tag);
-    dispatch_round<P>(launch.round_mode, [&](auto mode) {
-      // Only Kahan reads differently here; the other modes share the nearest-mode reads.
-      constexpr RoundMode kRead = decltype(mode)::value == RoundMode::Kahan ? RoundMode::Kahan : RoundMode::Nearest;
-      for (int64_t j = 0; j < num_units; ++j) {
-        const Chunk& unit = units[j];
-        const int64_t k = &unit - launch.units;
-        const AdafactorTensorArgs& t = launch.tensors[unit.tensor];
-        if (t.rows > 0) {
-          adafactor_reduce_factored<P, kRead>(launch, t, unit, k);
-        } else {
-          adafactor_reduce_unfactored<P, kRead>(launch, t, unit, k);
-        }
+    for (int64_t j = 0; j < num_units; ++j) {
+      const Chunk& unit = units[j];
+      const int64_t k = &unit - launch.units;
+      const AdafactorTensorArgs& t = launch.tensors[unit.tensor];
+      if (t.rows > 0) {
+        adafactor_reduce_factored<P, decltype(mode)::value>(launch, t, unit, k);
+      } else {
+        adafactor_reduce_unfactored<P, decltype(mode)::value>(launch, t, unit, k);
       }
-    });
+    }
   });
 }
 
@@ -275,13 +273,10 @@ void adafactor_apply_unit(const AdafactorLaunch& launch, const AdafactorTensorAr
 
 inline void adafactor_apply_units(const AdafactorLaunch& launch, const Chunk* units,
                                   int64_t num_units) {
-  dispatch_param(launch.param_dtype, [&](auto p_tag) {
-    using P = decltype(p_tag);
-    dispatch_round<P>(launch.round_mode, [&](auto mode) {
-      for (int64_t j = 0; j < num_units; ++j) {
-        adafactor_apply_unit<P, decltype(mode)::value>(launch, launch.tensors[units[j].tensor], units[j]);
-      }
-    });
+  dispatch_param_round(launch.param_dtype, launch.round_mode, [&](auto p, auto mode) {
+    for (int64_t j = 0; j < num_units; ++j) {
+      adafactor_apply_unit<decltype(p), decltype(mode)::value>(launch, launch.tensors[units[j].tensor], units[j]);
+    }
   });
 }
 

@@ -61,16 +61,12 @@ void adam_range(const AdamTensorArgs& t, int64_t begin, int64_t end, float unsca
 }
 
 inline void adam_chunks(const AdamLaunch& launch, const Chunk* chunks, int64_t num_chunks) {
-  dispatch_param_state(launch.param_dtype, launch.state_dtype, [&](auto p_tag, auto s_tag) {
-    using P = decltype(p_tag);
-    using S = decltype(s_tag);
-    dispatch_round<P>(launch.round_mode, [&](auto mode) {
-      for (int64_t k = 0; k < num_chunks; ++k) {
-        const Chunk& chunk = chunks[k];
-        adam_range<P, S, decltype(mode)::value>(launch.tensors[chunk.tensor], chunk.begin, chunk.end,
-                                 launch.unscale_grads);
-      }
-    });
+  dispatch_param_state_round(launch.param_dtype, launch.state_dtype, launch.round_mode, [&](auto p, auto s, auto mode) {
+    for (int64_t k = 0; k < num_chunks; ++k) {
+      const Chunk& chunk = chunks[k];
+      adam_range<decltype(p), decltype(s), decltype(mode)::value>(launch.tensors[chunk.tensor], chunk.begin,
+                                                                  chunk.end, launch.unscale_grads);
+    }
   });
 }
 

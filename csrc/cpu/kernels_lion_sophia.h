@@ -44,15 +44,12 @@ void lion_range(const LionTensorArgs& t, const LionCoefficients& c, int64_t begi
 }
 
 inline void lion_chunks(const LionLaunch& launch, const Chunk* chunks, int64_t num_chunks) {
-  dispatch_param_state(launch.param_dtype, launch.state_dtype, [&](auto p_tag, auto s_tag) {
-    using P = decltype(p_tag);
-    dispatch_round<P>(launch.round_mode, [&](auto mode) {
-      for (int64_t k = 0; k < num_chunks; ++k) {
-        const Chunk& chunk = chunks[k];
-        lion_range<P, decltype(s_tag), decltype(mode)::value>(
-            launch.tensors[chunk.tensor], launch.coefficients, chunk.begin, chunk.end, launch.unscale_grads);
-      }
-    });
+  dispatch_param_state_round(launch.param_dtype, launch.state_dtype, launch.round_mode, [&](auto p, auto s, auto mode) {
+    for (int64_t k = 0; k < num_chunks; ++k) {
+      const Chunk& chunk = chunks[k];
+      lion_range<decltype(p), decltype(s), decltype(mode)::value>(
+          launch.tensors[chunk.tensor], launch.coefficients, chunk.begin, chunk.end, launch.unscale_grads);
+    }
   });
 }
 
@@ -106,16 +103,12 @@ int64_t sophia_range(const SophiaTensorArgs& t, const SophiaCoefficients& c, int
 
 inline void sophia_chunks(const SophiaLaunch& launch, const Chunk* chunks, int64_t num_chunks) {
   int64_t unclipped = 0;
-  dispatch_param_state(launch.param_dtype, launch.state_dtype, [&](auto p_tag, auto s_tag) {
-    using P = decltype(p_tag);
-    dispatch_round<P>(launch.round_mode, [&](auto mode) {
-      for (int64_t k = 0; k < num_chunks; ++k) {
-        const Chunk& chunk = chunks[k];
-        unclipped += sophia_range<P, decltype(s_tag), decltype(mode)::value>(
-            launch.tensors[chunk.tensor], launch.coefficients, chunk.begin, chunk.end,
-            launch.unscale_grads);
-      }
-    });
+  dispatch_param_state_round(launch.param_dtype, launch.state_dtype, launch.round_mode, [&](auto p, auto s, auto mode) {
+    for (int64_t k = 0; k < num_chunks; ++k) {
+      const Chunk& chunk = chunks[k];
+      unclipped += sophia_range<decltype(p), decltype(s), decltype(mode)::value>(
+          launch.tensors[chunk.tensor], launch.coefficients, chunk.begin, chunk.end, launch.unscale_grads);
+    }
   });
   if (launch.unclipped != nullptr) {
     launch.unclipped->fetch_add(unclipped, std::memory_order_relaxed);

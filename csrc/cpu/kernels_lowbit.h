@@ -284,17 +284,15 @@ inline void adam_lowbit_chunks(const LowbitLaunch& launch, const Chunk* chunks, 
   thread_local QuantBlock m_scratch, v_scratch;
   QuantBlock& m = m_scratch;  // one TLS lookup per call, not per block
   QuantBlock& v = v_scratch;
-  dispatch_param(launch.param_dtype, [&](auto p_tag) {
+  dispatch_param_round(launch.param_dtype, launch.round_mode, [&](auto p_tag, auto mode) {
     using P = decltype(p_tag);
-    dispatch_round<P>(launch.round_mode, [&](auto mode) {
-      constexpr RoundMode M = decltype(mode)::value;
-      for_each_quant_block(chunks, num_chunks, launch.block_size, [&](int64_t tensor, int64_t first, int64_t n) {
+    constexpr RoundMode M = decltype(mode)::value;
+    for_each_quant_block(chunks, num_chunks, launch.block_size, [&](int64_t tensor, int64_t first, int64_t n) {
 #if defined(DLDNA_LOWBIT_AVX512)
-        adam_lowbit_block_avx512<P, M>(launch, launch.tensors[tensor], first, n, m, v);
+      adam_lowbit_block_avx512<P, M>(launch, launch.tensors[tensor], first, n, m, v);
 #else
-        adam_lowbit_block<P, M>(launch, launch.tensors[tensor], first, n, m, v);
+      adam_lowbit_block<P, M>(launch, launch.tensors[tensor], first, n, m, v);
 #endif
-      });
     });
   });
 }
@@ -302,17 +300,15 @@ inline void adam_lowbit_chunks(const LowbitLaunch& launch, const Chunk* chunks, 
 inline void lion_lowbit_chunks(const LowbitLaunch& launch, const Chunk* chunks, int64_t num_chunks) {
   thread_local QuantBlock m_scratch;
   QuantBlock& m = m_scratch;
-  dispatch_param(launch.param_dtype, [&](auto p_tag) {
+  dispatch_param_round(launch.param_dtype, launch.round_mode, [&](auto p_tag, auto mode) {
     using P = decltype(p_tag);
-    dispatch_round<P>(launch.round_mode, [&](auto mode) {
-      constexpr RoundMode M = decltype(mode)::value;
-      for_each_quant_block(chunks, num_chunks, launch.block_size, [&](int64_t tensor, int64_t first, int64_t n) {
+    constexpr RoundMode M = decltype(mode)::value;
+    for_each_quant_block(chunks, num_chunks, launch.block_size, [&](int64_t tensor, int64_t first, int64_t n) {
 #if defined(DLDNA_LOWBIT_AVX512)
-        lion_lowbit_block_avx512<P, M>(launch, launch.tensors[tensor], first, n, m);
+      lion_lowbit_block_avx512<P, M>(launch, launch.tensors[tensor], first, n, m);
 #else
-        lion_lowbit_block<P, M>(launch, launch.tensors[tensor], first, n, m);
+      lion_lowbit_block<P, M>(launch, launch.tensors[tensor], first, n, m);
 #endif
-      });
     });
   });
 }

@@ -11,6 +11,7 @@
 
 #include "common/rounding_math.h"
 #include "cpu/kernel_table.h"
+#include "cpu/kernels_common.h"
 #include "cpu/vec_io.h"
 
 namespace dldna_fused::cpu::DLDNA_KERNELS_NAMESPACE {
@@ -38,6 +39,20 @@ void dispatch_round(RoundMode mode, F&& f) {
     }
   }
   f(std::integral_constant<RoundMode, RoundMode::Nearest>{});
+}
+
+// dispatch_param, then dispatch_round: calls f(P{}, mode) with mode's value a constant.
+template <typename F>
+void dispatch_param_round(Dtype param, RoundMode mode, F&& f) {
+  dispatch_param(param, [&](auto p_tag) { dispatch_round<decltype(p_tag)>(mode, [&](auto m) { f(p_tag, m); }); });
+}
+
+// dispatch_param_state, then dispatch_round: calls f(P{}, S{}, mode).
+template <typename F>
+void dispatch_param_state_round(Dtype param, Dtype state, RoundMode mode, F&& f) {
+  dispatch_param_state(param, state, [&](auto p_tag, auto s_tag) {
+    dispatch_round<decltype(p_tag)>(mode, [&](auto m) { f(p_tag, s_tag, m); });
+  });
 }
 
 // random_bits16 of elements index .. index + 15: the first 8 in `lo`, the next 8 in `hi`.
