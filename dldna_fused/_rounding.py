@@ -53,12 +53,21 @@ def _lowbias32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def _pair_key(salt: int, pair_high: int) -> int:
+    """pair_key of rounding_math.h: the 32-bit key of the pairs numbered pair_high * 2^32 on."""
+    s = salt if pair_high == 0 else splitmix64(salt ^ pair_high)
+    return (s ^ (s >> 32)) & 0xFFFFFFFF
+
+
 def random_bits16(salt: int, index: torch.Tensor) -> torch.Tensor:
     """random_bits16 of rounding_math.h for int64 element indices ``index``: int64 in [0, 2^16).
     Elements 16b + j and 16b + j + 8 share a hash ([Note: paired random bits])."""
     pair = (index >> 4) * 8 + (index & 7)
-    mixed = ((pair & 0xFFFFFFFF) ^ (salt & 0xFFFFFFFF)) + (((salt >> 32) & 0xFFFFFFFF) ^ (pair >> 32))
-    x = _lowbias32(mixed & 0xFFFFFFFF)
+    high = pair >> 32
+    key = torch.full_like(pair, _pair_key(salt, 0))
+    for h in range(1, int(high.max()) + 1 if high.numel() else 1):  # only past 2^33 elements
+        key = torch.where(high == h, _pair_key(salt, h), key)
+    x = _lowbias32(((pair & 0xFFFFFFFF) + key) & 0xFFFFFFFF)
     return torch.where((index & 8) != 0, x >> 16, x & 0xFFFF)
 
 

@@ -14,6 +14,8 @@
 #include <vector>
 
 #include "common/adam_math.h"
+#include "common/lion_math.h"
+#include "common/rounding_math.h"
 #include "cpu/kernel_table.h"
 
 namespace {
@@ -304,6 +306,50 @@ void test_avx512_codes_on_every_float() {
   }
 }
 
+// Stochastic rounding's bits where the vector blocks meet the rare cases: a range that starts off a
+// multiple of 16 (the element-by-element bits), and element indices past 2^33, whose pairs are
+// numbered past 2^32 and take another pair_key ([Note: paired random bits]). Lion without weight
+// decay computes p - lr sign(c) with one rounding in every build, so each build's bf16 write must
+// equal stochastic_round_value of that float, bit for bit. The kernels address param + index, so
+// a far range runs on a small buffer through a pointer moved back by its start.
+void test_stochastic_rounding_bits_at_far_indices() {
+  namespace cpu = dldna_fused::cpu;
+  constexpr int64_t n = 80;
+  const uint64_t salt = dldna_fused::rounding_salt(0x5eed, 3.f);
+  const float lr = 1e-3f;
+  for (const int64_t start : {int64_t{0}, int64_t{8}, (int64_t{1} << 33) - 32, (int64_t{1} << 33) + 8,
+                              int64_t{1} << 36}) {
+    for (const auto* table : {&cpu::kernels_default(), cpu::kernels_avx2(), cpu::kernels_avx512()}) {
+      if (table == nullptr) {
+        continue;
+      }
+      at::manual_seed(7);
+      auto p = at::randn({n}).to(at::kBFloat16), g = at::randn({n}).to(at::kBFloat16), m = at::randn({n});
+      const auto p0 = p.clone().to(at::kFloat), c = (m * 0.9 + g.to(at::kFloat) * 0.1).sign();
+      cpu::LionTensorArgs args{static_cast<c10::BFloat16*>(p.data_ptr()) - start,
+                               static_cast<c10::BFloat16*>(g.data_ptr()) - start,
+                               static_cast<float*>(m.data_ptr()) - start, {nullptr, salt}};
+      const cpu::LionLaunch launch{cpu::Dtype::BFloat16, cpu::Dtype::Float,
+                                   dldna_fused::lion_coefficients(lr, 0.9, 0.99, 0.0, 1.f, false), &args, 0.f,
+                                   dldna_fused::RoundMode::Stochastic};
+      const cpu::Chunk chunk{0, start, start + n};
+      table->lion(launch, &chunk, 1);
+      int64_t wrong = 0;
+      for (int64_t k = 0; k < n; ++k) {
+        const float x = p0[k].item<float>() - lr * c[k].item<float>();
+        const float expected = dldna_fused::stochastic_round_value(x, salt, start + k);
+        wrong += p[k].item<float>() != expected;
+      }
+      expect(wrong == 0, "stochastic rounding from element " + std::to_string(start) + ": " +
+                             std::to_string(wrong) + " of " + std::to_string(n) + " writes differ from the formula");
+    }
+  }
+  // Past 2^33 the bits are not those of the range at 0 again.
+  expect(dldna_fused::random_bits16(salt, int64_t{1} << 36) != dldna_fused::random_bits16(salt, 0) ||
+             dldna_fused::random_bits16(salt, (int64_t{1} << 36) + 1) != dldna_fused::random_bits16(salt, 1),
+         "pairs past 2^32 draw other bits than the first ones");
+}
+
 int main() {
   at::manual_seed(1234);
   int cases = 0;
@@ -321,6 +367,7 @@ int main() {
   test_grad_norm_and_scale_kernels();
   test_argument_checks();
   test_avx512_codes_on_every_float();
+  test_stochastic_rounding_bits_at_far_indices();
   std::printf("%d Adam cases, kernel builds (Adam, Lion, Sophia, AdaFactor, norm, scale), argument checks: %s\n", cases, failures == 0 ? "ok" : "FAILED");
   return failures == 0 ? 0 : 1;
 }
