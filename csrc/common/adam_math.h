@@ -48,26 +48,39 @@ DLDNA_HOST_DEVICE AdamCoefficients adam_coefficients(double lr, double beta1, do
   return c;
 }
 
+// The configuration of nearly every step: no amsgrad, no maximize, no grad scale or folded clip
+// factor, and weight decay decoupled or zero. A kernel that checks this once per tensor can run
+// adam_update<true>, whose loop keeps no tests of these flags.
+DLDNA_HOST_DEVICE bool adam_is_common(const AdamCoefficients& c) {
+  return !c.amsgrad && !c.maximize && c.inv_grad_scale == 1.f && (c.decoupled_weight_decay || c.weight_decay == 0.f);
+}
+
 // One element (or one SIMD vector of elements) of an Adam step, in place on p, m, v and v_max.
-// v_max is only read and written when c.amsgrad is set.
-template <typename V>
+// v_max is only read and written when c.amsgrad is set. With kCommon (adam_is_common(c) holds) the
+// rule is the same, bit for bit: g * 1 is g, and p * decay_factor is p when weight_decay is 0
+// (decay_factor is then exactly 1), so that multiply replaces the test.
+template <bool kCommon = false, typename V>
 DLDNA_HOST_DEVICE void adam_update(V& p, V g, V& m, V& v, V& v_max, const AdamCoefficients& c) {
   using M = OpMath<V>;
-  g = g * V(c.inv_grad_scale);
-  if (c.maximize) {
-    g = V(0.f) - g;
-  }
-  if (c.weight_decay != 0.f) {
-    if (c.decoupled_weight_decay) {
-      p = p * V(c.decay_factor);
-    } else {
-      g = g + V(c.weight_decay) * p;
+  if constexpr (kCommon) {
+    p = p * V(c.decay_factor);
+  } else {
+    g = g * V(c.inv_grad_scale);
+    if (c.maximize) {
+      g = V(0.f) - g;
+    }
+    if (c.weight_decay != 0.f) {
+      if (c.decoupled_weight_decay) {
+        p = p * V(c.decay_factor);
+      } else {
+        g = g + V(c.weight_decay) * p;
+      }
     }
   }
   m = V(c.beta1) * m + V(c.one_minus_beta1) * g;
   v = V(c.beta2) * v + V(c.one_minus_beta2) * g * g;
   V second_moment = v;
-  if (c.amsgrad) {
+  if (!kCommon && c.amsgrad) {
     v_max = M::max(v_max, v);
     second_moment = v_max;
   }
