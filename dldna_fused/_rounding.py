@@ -59,14 +59,14 @@ def _pair_key(salt: int, pair_high: int) -> int:
     return (s ^ (s >> 32)) & 0xFFFFFFFF
 
 
-def random_bits16(salt: int, index: torch.Tensor) -> torch.Tensor:
-    """random_bits16 of rounding_math.h for int64 element indices ``index``: int64 in [0, 2^16).
-    Elements 16b + j and 16b + j + 8 share a hash ([Note: paired random bits])."""
+def random_bits16(salt: int, index: torch.Tensor, end: int) -> torch.Tensor:
+    """random_bits16 of rounding_math.h for int64 element indices ``index``, all below ``end``:
+    int64 in [0, 2^16). Elements 16b + j and 16b + j + 8 share a hash ([Note: paired random
+    bits]). ``end`` is a host int, so that no index is read back from the device."""
     pair = (index >> 4) * 8 + (index & 7)
-    high = pair >> 32
     key = torch.full_like(pair, _pair_key(salt, 0))
-    for h in range(1, int(high.max()) + 1 if high.numel() else 1):  # only past 2^33 elements
-        key = torch.where(high == h, _pair_key(salt, h), key)
+    for h in range(1, max(end - 1, 0) // 2 ** 33 + 1):  # pairs past 2^32: params past 2^33 elements
+        key = torch.where((pair >> 32) == h, _pair_key(salt, h), key)
     x = _lowbias32(((pair & 0xFFFFFFFF) + key) & 0xFFFFFFFF)
     return torch.where((index & 8) != 0, x >> 16, x & 0xFFFF)
 
@@ -77,7 +77,7 @@ def stochastic_round(x: torch.Tensor, key: int, step: float) -> torch.Tensor:
     x = x.float().contiguous()
     index = torch.arange(x.numel(), dtype=torch.int64, device=x.device).view(x.shape)
     bits = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    rounded = (bits + random_bits16(rounding_salt(key, step), index)) & 0xFFFF0000
+    rounded = (bits + random_bits16(rounding_salt(key, step), index, x.numel())) & 0xFFFF0000
     rounded = torch.where(rounded >= 1 << 31, rounded - (1 << 32), rounded).to(torch.int32).view(torch.float32)
     return torch.where(torch.isnan(x), x, rounded).to(torch.bfloat16)
 
