@@ -57,11 +57,10 @@ DLDNA_HOST_DEVICE uint32_t lowbias32(uint32_t x) {
 // takes its low 16 bits, the upper one its high 16. A CPU block of two 8-lane vectors (16
 // elements) then costs 8 hashes and no shuffle; the bits of an element still depend only on
 // (salt, index). The hash input is the pair's number plus a 32-bit key of the salt: the 8 pairs of
-// a block are one broadcast and one add from consecutive numbers, and the key is the same for
-// every pair below 2^32 (a param of fewer than 2^33 elements), so the CPU loop computes it once.
-// Another salt's stream is this one shifted by the keys' difference, of data that differs.
-// The key of pairs at and above 2^32 comes from a fresh splitmix64, so those never repeat the
-// first 2^32.
+// a block are one broadcast and one add from consecutive numbers. The key is the same for every
+// pair below 2^32 (a param of fewer than 2^33 elements), an xor of the salt's halves. Another
+// salt's stream is this one shifted by the keys' difference, over data that differs. The key of
+// pairs at and above 2^32 comes from a fresh splitmix64, so those do not repeat the first 2^32.
 DLDNA_HOST_DEVICE uint32_t pair_key(uint64_t salt, uint64_t pair_high) {
   const uint64_t s = pair_high == 0 ? salt : splitmix64(salt ^ pair_high);
   return static_cast<uint32_t>(s) ^ static_cast<uint32_t>(s >> 32);
