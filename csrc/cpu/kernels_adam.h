@@ -62,7 +62,7 @@ void adam_range_impl(const AdamTensorArgs& t, int64_t begin, int64_t end, float 
 
 // Without amsgrad, maximize, grad scaling and L2 decay (adam_is_common), the loop has no tests of
 // them. Those tests and the spills they caused made the bf16 step 17% slower on one thread, and
-// left so little slack on two that stochastic rounding cost 1.22x instead of 1.03x (BENCHMARKS.md).
+// left so little slack on two that stochastic rounding cost 1.22x instead of 1.05x (BENCHMARKS.md).
 template <typename P, typename S, RoundMode M>
 void adam_range(const AdamTensorArgs& t, int64_t begin, int64_t end, float unscale) {
   if (unscale == 0.f && adam_is_common(t.coefficients)) {
