@@ -544,3 +544,33 @@ def test_kahan_state_cleared_mid_run_starts_a_zero_comp(mutation):
         assert torch.allclose(total, expected, rtol=1e-4, atol=1e-6)
     # The cleared param's step count restarted with its states.
     assert ours.state[ps[0]]["step"].item() == 2
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_a_param_swapped_into_a_group_is_written_as_in_the_reference(mode):
+    # torch.optim reads param_groups afresh on every step: a param put in another's place gets
+    # that position's stochastic-rounding key and a fresh state (its compensation at zero).
+    torch.manual_seed(1)
+    data = [torch.randn(37, dtype=torch.bfloat16), torch.randn(5, 4, dtype=torch.bfloat16)]
+    new = torch.randn(37, dtype=torch.bfloat16)
+    kwargs = dict(lr=1e-2, state_dtype=torch.float32, **MODES[mode])
+    ps, rs = [torch.nn.Parameter(t.clone()) for t in data], [torch.nn.Parameter(t.clone()) for t in data]
+    ours, ref = optim.AdamW(ps, **kwargs), reference.AdamW(rs, **kwargs)
+    for step in range(4):
+        if step == 2:
+            ps[0], rs[0] = torch.nn.Parameter(new.clone()), torch.nn.Parameter(new.clone())
+            ours.param_groups[0]["params"][0], ref.param_groups[0]["params"][0] = ps[0], rs[0]
+        for p, r in zip(ps, rs):
+            p.grad = torch.randn_like(p)
+            r.grad = p.grad.clone()
+        ours.step()
+        ref.step()
+    assert ours.state[ps[0]]["step"].item() == 2
+    for p, r in zip(ps, rs):
+        assert bool(((p.float() - r.float()).abs() <= 2 ** -7 * r.float().abs()).all())
+        if mode == "stochastic":
+            assert torch.equal(p, r), "the same position draws the same bits"
+        else:
+            total = p.float() + ours.state[p]["kahan_comp"].float()
+            expected = r.float() + ref.state[r]["kahan_comp"].float()
+            assert torch.allclose(total, expected, rtol=1e-4, atol=1e-6)
