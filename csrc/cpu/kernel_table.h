@@ -221,6 +221,14 @@ struct QuantLut {
 //   nearest-code lookup]; csrc/tests/test_cpu_kernels.cpp compares both on every float in [-1, 1].
 // Dequantizing reads an 8-bit map from registers too: its values as four 256-entry byte tables,
 // one per byte of the float, each looked up 64 codes at a time.
+// The AVX2 kernels (cpu/lowbit_avx2.h) compute the same t and codes 8 lanes at a time, with two
+// differences, both for want of 32-entry and byte permutes:
+// - the run is the count of run boundaries below a (integer compares of float bits, the same
+//   sides as above), not an octave lookup. The run tables are 8-entry permutes, so a map has at
+//   most 9 runs and a ninth must be the value 1 alone: lanes past its boundary take the eighth
+//   run's last code plus one (the builder checks).
+// - an 8-bit map's values are gathered (one vgatherdps per 8 codes), a 4-bit map's are two
+//   registers indexed by permutes.
 struct QuantSimd {
   // Octave k holds magnitudes whose exponent bits E have max(E, 96) % 32 == k.
   int32_t octave_run[32];        // the run at the octave's low end
@@ -228,6 +236,8 @@ struct QuantSimd {
   float run_scale[16];           // t = a * scale + offset
   float run_offset[16];
   int32_t run_last[16];          // the run's last code (zero + its last rank)
+  int32_t run_boundary[8];       // float bits of the midpoint after run k (AVX2), INT32_MAX past the last
+  int32_t num_runs;
   int32_t zero;                  // the code of 0
   bool is_signed;
   uint8_t value_bytes[4][256];   // byte k of values[c] (8-bit maps)

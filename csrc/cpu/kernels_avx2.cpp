@@ -5,9 +5,11 @@
 #define DLDNA_HAVE_AVX2_KERNELS 1
 #pragma GCC target("avx2,fma,f16c")
 #include "cpu/avx2_feature_macros.h"
+#include <immintrin.h>
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
 #define DLDNA_KERNELS_NAMESPACE avx2
+#define DLDNA_LOWBIT_AVX2 1
 #include "cpu/kernels_impl.h"
 #else
 #include "cpu/kernel_table.h"

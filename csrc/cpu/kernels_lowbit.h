@@ -1,6 +1,7 @@
 #pragma once
-// The 8- and 4-bit Adam/Lion CPU kernels and blockwise (de)quantization; with
-// DLDNA_LOWBIT_AVX512 (cpu/kernels_avx512.cpp), the block loops of cpu/lowbit_avx512.h.
+// The 8- and 4-bit Adam/Lion CPU kernels and blockwise (de)quantization: the portable block loops
+// here; with DLDNA_LOWBIT_AVX2 (cpu/kernels_avx2.cpp) those of cpu/lowbit_avx2.h, with
+// DLDNA_LOWBIT_AVX512 (cpu/kernels_avx512.cpp) those of cpu/lowbit_avx512.h.
 // Included through cpu/kernels_impl.h only, which each cpu/kernels_<capability>.cpp compiles once
 // under its own namespace ([Note: CPU capability builds] in cpu/kernel_table.h).
 
@@ -131,14 +132,77 @@ __attribute__((noinline, optimize("no-tree-vectorize"))) inline void lookup_valu
   }
 }
 
+// The value of one element's code, times absmax.
+inline float dequantize_one(const uint8_t* codes, int bits, int64_t element, const QuantLut& lut, float absmax) {
+  const uint8_t byte = codes[bits == 8 ? element : element / 2];
+  const int code = bits == 8 ? byte : (element % 2 == 0 ? byte & 15 : byte >> 4);
+  return lut.values[code] * absmax;
+}
+
+// The update rules of the low-bit steps, on one float or a vector of lanes (FloatVec, Vec512), with
+// the states in an array: Adam's two (exp_avg, exp_avg_sq), Lion's one.
+struct AdamLowbitRule {
+  static constexpr int kStates = 2;
+  const AdamCoefficients& c;
+  template <typename V>
+  DLDNA_ALWAYS_INLINE void operator()(V& p, V g, V* state) const {
+    V unused(0.f);  // v_max: no amsgrad in the low-bit classes
+    adam_update(p, g, state[0], state[1], unused, c);
+  }
+};
+
+struct LionLowbitRule {
+  static constexpr int kStates = 1;
+  const LionCoefficients& c;
+  template <typename V>
+  DLDNA_ALWAYS_INLINE void operator()(V& p, V g, V* state) const {
+    lion_update(p, g, state[0], c);
+  }
+};
+
+// Elements [i, n) of a block that the vector kernels update one at a time (its last n % kVecBlock,
+// as in every build): the new states go to scratch[s], their magnitude bits into largest[s].
+template <typename P, RoundMode M, int kBits, typename Rule>
+DLDNA_ALWAYS_INLINE void lowbit_elements(const LowbitLaunch& launch, const LowbitTensorArgs& t, int64_t first,
+                                         int64_t i, int64_t n, float* const* scratch, const Rule& rule,
+                                         uint32_t* largest) {
+  const int64_t block = first / launch.block_size;
+  const QuantState* states[2] = {&t.exp_avg, &t.exp_avg_sq};
+  const QuantLut* luts[2] = {launch.exp_avg_lut, launch.exp_avg_sq_lut};
+  P* param = static_cast<P*>(t.param);  // element first + i at param[first + i]
+  P* grad = static_cast<P*>(t.grad) + first;
+  for (; i < n; ++i) {
+    float p = load_param<M>(param, t.write, first + i);
+    float state[Rule::kStates];
+    for (int s = 0; s < Rule::kStates; ++s) {
+      state[s] = dequantize_one(states[s]->codes, kBits, first + i, *luts[s], states[s]->absmax[block]);
+    }
+    rule(p, static_cast<float>(grad[i]), state);
+    store_param<M>(param, t.write, first + i, p);
+    if (launch.unscale_grads != 0.f) {
+      store_unscaled(grad, i, launch.unscale_grads);
+    }
+    for (int s = 0; s < Rule::kStates; ++s) {
+      scratch[s][i] = state[s];
+      uint32_t bits;
+      std::memcpy(&bits, &state[s], sizeof(bits));
+      largest[s] = std::max(largest[s], bits & 0x7fffffffu);
+    }
+  }
+}
+
 #if defined(DLDNA_LOWBIT_AVX512)
 #include "cpu/lowbit_avx512.h"
+#elif defined(DLDNA_LOWBIT_AVX2)
+#include "cpu/lowbit_avx2.h"
 #endif
 
 DLDNA_ALWAYS_INLINE void dequantize_block(const uint8_t* codes, float absmax, const QuantLut& lut, int bits,
                                           int64_t first, int64_t n, QuantBlock& scratch) {
 #if defined(DLDNA_LOWBIT_AVX512)
   dequantize_block_avx512(codes, absmax, lut, bits, first, n, scratch.values);
+#elif defined(DLDNA_LOWBIT_AVX2)
+  dequantize_block_avx2(codes, absmax, lut, bits, first, n, scratch.values);
 #else
   unpack_codes(codes, bits, first, n, scratch.codes);
   lookup_values(lut.values, scratch.codes, absmax, n, scratch.values);
@@ -150,6 +214,8 @@ DLDNA_ALWAYS_INLINE float quantize_block(QuantBlock& scratch, const QuantLut& lu
                             int64_t n, uint8_t* codes) {
 #if defined(DLDNA_LOWBIT_AVX512)
   return quantize_block_avx512(scratch.values, lut, bits, first, n, codes);
+#elif defined(DLDNA_LOWBIT_AVX2)
+  return quantize_block_avx2(scratch.values, lut, bits, first, n, codes);
 #else
   using VecMath = OpMath<FloatVec>;
   using Math = OpMath<float>;
@@ -189,55 +255,17 @@ DLDNA_ALWAYS_INLINE float quantize_block(QuantBlock& scratch, const QuantLut& lu
 #endif
 }
 
-template <typename P, RoundMode M>
-void adam_lowbit_block(const LowbitLaunch& launch, const LowbitTensorArgs& t, int64_t first,
-                       int64_t n, QuantBlock& m, QuantBlock& v) {
+// The portable build's block: its states dequantized into scratch, updated there in vectors of
+// kVecBlock and then one element at a time, and requantized.
+template <typename P, RoundMode M, typename Rule>
+void lowbit_block_portable(const LowbitLaunch& launch, const LowbitTensorArgs& t, int64_t first, int64_t n,
+                           QuantBlock* scratch, const Rule& rule) {
   const int64_t block = first / launch.block_size;
-  const QuantLut& m_lut = *launch.exp_avg_lut;
-  const QuantLut& v_lut = *launch.exp_avg_sq_lut;
-  dequantize_block(t.exp_avg.codes, t.exp_avg.absmax[block], m_lut, launch.bits, first, n, m);
-  dequantize_block(t.exp_avg_sq.codes, t.exp_avg_sq.absmax[block], v_lut, launch.bits, first, n, v);
-  auto* param = static_cast<P*>(t.param);  // element first + i at param[first + i]
-  auto* grad = static_cast<P*>(t.grad) + first;
-  const AdamCoefficients& c = t.adam;
-  const float unscale = launch.unscale_grads;
-  int64_t i = 0;
-  for (; i + kVecBlock <= n; i += kVecBlock) {
-    FloatVec p[2], g[2], mv[2], vv[2], unused[2];
-    load_param_block<M>(param, t.write, first + i, p[0], p[1]);
-    load_block(grad + i, g[0], g[1]);
-    for (int h = 0; h < 2; ++h) {
-      const int64_t at = i + h * FloatVec::size();
-      mv[h] = FloatVec::loadu(m.values + at);
-      vv[h] = FloatVec::loadu(v.values + at);
-      adam_update(p[h], g[h], mv[h], vv[h], unused[h], c);
-      mv[h].store(m.values + at);
-      vv[h].store(v.values + at);
-    }
-    store_param_block<M>(param, t.write, first + i, p[0], p[1]);
-    if (unscale != 0.f) {
-      store_unscaled_block(grad + i, g, unscale);
-    }
+  const QuantState* states[2] = {&t.exp_avg, &t.exp_avg_sq};
+  const QuantLut* luts[2] = {launch.exp_avg_lut, launch.exp_avg_sq_lut};
+  for (int s = 0; s < Rule::kStates; ++s) {
+    dequantize_block(states[s]->codes, states[s]->absmax[block], *luts[s], launch.bits, first, n, scratch[s]);
   }
-  for (; i < n; ++i) {
-    float p = load_param<M>(param, t.write, first + i);
-    float unused = 0.f;
-    adam_update(p, static_cast<float>(grad[i]), m.values[i], v.values[i], unused, c);
-    store_param<M>(param, t.write, first + i, p);
-    if (unscale != 0.f) {
-      store_unscaled(grad, i, unscale);
-    }
-  }
-  t.exp_avg.absmax[block] = quantize_block(m, m_lut, launch.bits, first, n, t.exp_avg.codes);
-  t.exp_avg_sq.absmax[block] = quantize_block(v, v_lut, launch.bits, first, n, t.exp_avg_sq.codes);
-}
-
-template <typename P, RoundMode M>
-void lion_lowbit_block(const LowbitLaunch& launch, const LowbitTensorArgs& t, int64_t first,
-                       int64_t n, QuantBlock& m) {
-  const int64_t block = first / launch.block_size;
-  const QuantLut& lut = *launch.exp_avg_lut;
-  dequantize_block(t.exp_avg.codes, t.exp_avg.absmax[block], lut, launch.bits, first, n, m);
   auto* param = static_cast<P*>(t.param);  // element first + i at param[first + i]
   auto* grad = static_cast<P*>(t.grad) + first;
   const float unscale = launch.unscale_grads;
@@ -247,10 +275,15 @@ void lion_lowbit_block(const LowbitLaunch& launch, const LowbitTensorArgs& t, in
     load_param_block<M>(param, t.write, first + i, p[0], p[1]);
     load_block(grad + i, g[0], g[1]);
     for (int h = 0; h < 2; ++h) {
-      float* at = m.values + i + h * FloatVec::size();
-      FloatVec mv = FloatVec::loadu(at);
-      lion_update(p[h], g[h], mv, launch.lion);
-      mv.store(at);
+      const int64_t at = i + h * FloatVec::size();
+      FloatVec state[Rule::kStates];
+      for (int s = 0; s < Rule::kStates; ++s) {
+        state[s] = FloatVec::loadu(scratch[s].values + at);
+      }
+      rule(p[h], g[h], state);
+      for (int s = 0; s < Rule::kStates; ++s) {
+        state[s].store(scratch[s].values + at);
+      }
     }
     store_param_block<M>(param, t.write, first + i, p[0], p[1]);
     if (unscale != 0.f) {
@@ -259,13 +292,40 @@ void lion_lowbit_block(const LowbitLaunch& launch, const LowbitTensorArgs& t, in
   }
   for (; i < n; ++i) {
     float p = load_param<M>(param, t.write, first + i);
-    lion_update(p, static_cast<float>(grad[i]), m.values[i], launch.lion);
+    float state[Rule::kStates];
+    for (int s = 0; s < Rule::kStates; ++s) {
+      state[s] = scratch[s].values[i];
+    }
+    rule(p, static_cast<float>(grad[i]), state);
+    for (int s = 0; s < Rule::kStates; ++s) {
+      scratch[s].values[i] = state[s];
+    }
     store_param<M>(param, t.write, first + i, p);
     if (unscale != 0.f) {
       store_unscaled(grad, i, unscale);
     }
   }
-  t.exp_avg.absmax[block] = quantize_block(m, lut, launch.bits, first, n, t.exp_avg.codes);
+  for (int s = 0; s < Rule::kStates; ++s) {
+    states[s]->absmax[block] = quantize_block(scratch[s], *luts[s], launch.bits, first, n, states[s]->codes);
+  }
+}
+
+// One block of a low-bit step, by this build's kernel.
+template <typename P, RoundMode M, typename Rule>
+DLDNA_ALWAYS_INLINE void lowbit_block(const LowbitLaunch& launch, const LowbitTensorArgs& t, int64_t first, int64_t n,
+                                      QuantBlock* scratch, const Rule& rule) {
+#if defined(DLDNA_LOWBIT_AVX512) || defined(DLDNA_LOWBIT_AVX2)
+  float* const values[2] = {scratch[0].values, scratch[1].values};
+#if defined(DLDNA_LOWBIT_AVX512)
+  launch.bits == 8 ? lowbit_block_avx512<P, M, 8>(launch, t, first, n, values, rule)
+                   : lowbit_block_avx512<P, M, 4>(launch, t, first, n, values, rule);
+#else
+  launch.bits == 8 ? lowbit_block_avx2<P, M, 8>(launch, t, first, n, values, rule)
+                   : lowbit_block_avx2<P, M, 4>(launch, t, first, n, values, rule);
+#endif
+#else
+  lowbit_block_portable<P, M>(launch, t, first, n, scratch, rule);
+#endif
 }
 
 // Calls block(tensor args, first element, count) for each quantization block of the chunks.
@@ -279,38 +339,28 @@ void for_each_quant_block(const Chunk* chunks, int64_t num_chunks, int64_t block
   }
 }
 
-inline void adam_lowbit_chunks(const LowbitLaunch& launch, const Chunk* chunks, int64_t num_chunks) {
+// A low-bit step over the chunks, with make_rule(tensor args) giving each tensor's rule.
+template <typename MakeRule>
+void lowbit_step_chunks(const LowbitLaunch& launch, const Chunk* chunks, int64_t num_chunks, MakeRule&& make_rule) {
   // thread_local: 64 KiB of scratch per thread, too much for a worker's stack.
-  thread_local QuantBlock m_scratch, v_scratch;
-  QuantBlock& m = m_scratch;  // one TLS lookup per call, not per block
-  QuantBlock& v = v_scratch;
+  thread_local QuantBlock tls_scratch[2];
+  QuantBlock* scratch = tls_scratch;  // one TLS lookup per call, not per block
   dispatch_param_round(launch.param_dtype, launch.round_mode, [&](auto p_tag, auto mode) {
     using P = decltype(p_tag);
     constexpr RoundMode M = decltype(mode)::value;
     for_each_quant_block(chunks, num_chunks, launch.block_size, [&](int64_t tensor, int64_t first, int64_t n) {
-#if defined(DLDNA_LOWBIT_AVX512)
-      adam_lowbit_block_avx512<P, M>(launch, launch.tensors[tensor], first, n, m, v);
-#else
-      adam_lowbit_block<P, M>(launch, launch.tensors[tensor], first, n, m, v);
-#endif
+      const LowbitTensorArgs& t = launch.tensors[tensor];
+      lowbit_block<P, M>(launch, t, first, n, scratch, make_rule(t));
     });
   });
 }
 
+inline void adam_lowbit_chunks(const LowbitLaunch& launch, const Chunk* chunks, int64_t num_chunks) {
+  lowbit_step_chunks(launch, chunks, num_chunks, [](const LowbitTensorArgs& t) { return AdamLowbitRule{t.adam}; });
+}
+
 inline void lion_lowbit_chunks(const LowbitLaunch& launch, const Chunk* chunks, int64_t num_chunks) {
-  thread_local QuantBlock m_scratch;
-  QuantBlock& m = m_scratch;
-  dispatch_param_round(launch.param_dtype, launch.round_mode, [&](auto p_tag, auto mode) {
-    using P = decltype(p_tag);
-    constexpr RoundMode M = decltype(mode)::value;
-    for_each_quant_block(chunks, num_chunks, launch.block_size, [&](int64_t tensor, int64_t first, int64_t n) {
-#if defined(DLDNA_LOWBIT_AVX512)
-      lion_lowbit_block_avx512<P, M>(launch, launch.tensors[tensor], first, n, m);
-#else
-      lion_lowbit_block<P, M>(launch, launch.tensors[tensor], first, n, m);
-#endif
-    });
-  });
+  lowbit_step_chunks(launch, chunks, num_chunks, [&](const LowbitTensorArgs&) { return LionLowbitRule{launch.lion}; });
 }
 
 inline void quantize_chunks(const QuantizeLaunch& launch, const Chunk* chunks, int64_t num_chunks) {

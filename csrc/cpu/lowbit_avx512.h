@@ -247,13 +247,6 @@ struct DequantRegisters<4> {
   }
 };
 
-// The value of one element's code, times absmax.
-inline float dequantize_one(const uint8_t* codes, int bits, int64_t element, const QuantLut& lut, float absmax) {
-  const uint8_t byte = codes[bits == 8 ? element : element / 2];
-  const int code = bits == 8 ? byte : (element % 2 == 0 ? byte & 15 : byte >> 4);
-  return lut.values[code] * absmax;
-}
-
 // dequantize_block's work for the dequantize_blockwise op.
 inline void dequantize_block_avx512(const uint8_t* codes, float absmax, const QuantLut& lut, int bits,
                                     int64_t first, int64_t n, float* out) {
@@ -292,13 +285,13 @@ inline void store_param16(P* param, const ParamWrite& w, int64_t index, Vec512 x
   store_param_block<M>(param, w, index, FloatVec(_mm512_castps512_ps256(x.v)), FloatVec(_mm512_extractf32x8_ps(x.v, 1)));
 }
 
-// One low-bit Adam or Lion block: elements [first, first + n) of tensor t, with kStates states
-// (Lion: exp_avg; Adam: exp_avg, exp_avg_sq) and the rule as update16(p, g, states) on 16 lanes
-// and update1(p, g, states) on one element.
-// The new fp32 states go to scratch[s], then are requantized with their new absmax.
-template <typename P, RoundMode M, int kBits, int kStates, typename Update16, typename Update1>
+// One low-bit Adam or Lion block: elements [first, first + n) of tensor t, with the rule's states
+// (AdamLowbitRule, LionLowbitRule). The new fp32 states go to scratch[s], then are requantized with
+// their new absmax.
+template <typename P, RoundMode M, int kBits, typename Rule>
 void lowbit_block_avx512(const LowbitLaunch& launch, const LowbitTensorArgs& t, int64_t first, int64_t n,
-                         float* const* scratch, Update16&& update16, Update1&& update1) {
+                         float* const* scratch, const Rule& rule) {
+  constexpr int kStates = Rule::kStates;
   const int64_t block = first / launch.block_size;
   const QuantState* states[2] = {&t.exp_avg, &t.exp_avg_sq};
   const QuantLut* luts[2] = {launch.exp_avg_lut, launch.exp_avg_sq_lut};
@@ -316,7 +309,7 @@ void lowbit_block_avx512(const LowbitLaunch& launch, const LowbitTensorArgs& t, 
   auto lanes16 = [&](int64_t at, Vec512* state) {
     Vec512 p = load_param16<M>(param, t.write, first + at);
     const Vec512 g = load16(grad + at);
-    update16(p, g, state);
+    rule(p, g, state);
     store_param16<M>(param, t.write, first + at, p);
     if (unscale != 0.f) {
       store16(grad + at, g * unscale_vec);
@@ -362,61 +355,11 @@ void lowbit_block_avx512(const LowbitLaunch& launch, const LowbitTensorArgs& t, 
   for (int s = 0; s < kStates; ++s) {
     largest_bits[s] = _mm512_reduce_max_epu32(largest[s]);
   }
-  for (; i < n; ++i) {
-    float p = load_param<M>(param, t.write, first + i);
-    float state[kStates];
-    for (int s = 0; s < kStates; ++s) {
-      state[s] = dequantize_one(states[s]->codes, kBits, first + i, *luts[s], states[s]->absmax[block]);
-    }
-    update1(p, static_cast<float>(grad[i]), state);
-    store_param<M>(param, t.write, first + i, p);
-    if (unscale != 0.f) {
-      store_unscaled(grad, i, unscale);
-    }
-    for (int s = 0; s < kStates; ++s) {
-      scratch[s][i] = state[s];
-      uint32_t bits;
-      std::memcpy(&bits, &state[s], sizeof(bits));
-      largest_bits[s] = std::max(largest_bits[s], bits & 0x7fffffffu);
-    }
-  }
+  lowbit_elements<P, M, kBits>(launch, t, first, i, n, scratch, rule, largest_bits);
   states[0]->absmax[block] = requantize<kBits, true>(scratch[0], n, largest_bits[0], *luts[0], first,
                                                      states[0]->codes);
   if constexpr (kStates == 2) {
     states[1]->absmax[block] = requantize<kBits, false>(scratch[1], n, largest_bits[1], *luts[1], first,
                                                         states[1]->codes);
-  }
-}
-
-template <typename P, RoundMode M>
-void adam_lowbit_block_avx512(const LowbitLaunch& launch, const LowbitTensorArgs& t, int64_t first, int64_t n,
-                              QuantBlock& m, QuantBlock& v) {
-  float* const scratch[2] = {m.values, v.values};
-  const AdamCoefficients& c = t.adam;
-  auto update16 = [&](Vec512& p, Vec512 g, Vec512* state) {
-    Vec512 unused;
-    adam_update(p, g, state[0], state[1], unused, c);
-  };
-  auto update1 = [&](float& p, float g, float* state) {
-    float unused = 0.f;
-    adam_update(p, g, state[0], state[1], unused, c);
-  };
-  if (launch.bits == 8) {
-    lowbit_block_avx512<P, M, 8, 2>(launch, t, first, n, scratch, update16, update1);
-  } else {
-    lowbit_block_avx512<P, M, 4, 2>(launch, t, first, n, scratch, update16, update1);
-  }
-}
-
-template <typename P, RoundMode M>
-void lion_lowbit_block_avx512(const LowbitLaunch& launch, const LowbitTensorArgs& t, int64_t first, int64_t n,
-                              QuantBlock& m) {
-  float* const scratch[1] = {m.values};
-  auto update16 = [&](Vec512& p, Vec512 g, Vec512* state) { lion_update(p, g, state[0], launch.lion); };
-  auto update1 = [&](float& p, float g, float* state) { lion_update(p, g, state[0], launch.lion); };
-  if (launch.bits == 8) {
-    lowbit_block_avx512<P, M, 8, 1>(launch, t, first, n, scratch, update16, update1);
-  } else {
-    lowbit_block_avx512<P, M, 4, 1>(launch, t, first, n, scratch, update16, update1);
   }
 }

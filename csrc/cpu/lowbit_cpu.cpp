@@ -85,6 +85,14 @@ QuantSimd build_simd(const QuantMap& map, int bits) {
     }
   }
   TORCH_INTERNAL_ASSERT(simd.zero + first == map.num_codes, "the runs do not cover the map");
+  // The AVX2 kernels count at most 8 boundaries, and treat a ninth run as the value 1 alone.
+  TORCH_INTERNAL_ASSERT(runs.size() <= 8 || (runs.size() == 9 && runs.back() == 1),
+                        "a quantization map with runs the AVX2 kernels cannot count");
+  simd.num_runs = static_cast<int32_t>(runs.size());
+  for (int k = 0; k < 8; ++k) {
+    simd.run_boundary[k] = k < static_cast<int>(boundaries.size()) ? bits_of(boundaries[k])
+                                                                    : std::numeric_limits<int32_t>::max();
+  }
   for (int k = 0; k < 32; ++k) {
     // Octave 0 also holds everything below 2^-30 (exponent bits under 96).
     const float low = k == 0 ? 0.f : std::ldexp(1.f, k - 31);

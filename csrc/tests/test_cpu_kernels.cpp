@@ -11,6 +11,7 @@
 #include <cstring>
 #include <functional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "common/adam_math.h"
@@ -260,48 +261,88 @@ void test_argument_checks() {
 
 }  // namespace
 
-// The AVX-512 low-bit kernels give every float in [-1, 1] the code the AVX2 ones give: all 2^30 + 1
-// magnitudes, of both signs for signed maps ([Note: vectorized nearest code] in cpu/kernel_table.h).
-void test_avx512_codes_on_every_float() {
+// Every kernel build gives every float in [-1, 1] the same code: the portable build's table lookup
+// ([Note: nearest-code lookup] in cpu/kernel_table.h), and the AVX2 and AVX-512 builds' arithmetic
+// ([Note: vectorized nearest code]). All 2^30 + 1 magnitudes, of both signs for signed maps, in
+// blocks of 4096 whose first element is 1 (absmax 1, so y = x). Every code also dequantizes to
+// the same value in every build.
+void test_codes_on_every_float() {
   namespace cpu = dldna_fused::cpu;
-  const cpu::KernelTable* avx512 = cpu::kernels_avx512();
-  if (avx512 == nullptr) {
-    std::printf("skip: no AVX-512 VBMI low-bit kernels on this CPU\n");
+  std::vector<const cpu::KernelTable*> tables{&cpu::kernels_default()};
+  for (const cpu::KernelTable* table : {cpu::kernels_avx2(), cpu::kernels_avx512()}) {
+    if (table != nullptr) {
+      tables.push_back(table);
+    }
+  }
+  if (tables.size() < 2) {
+    std::printf("skip: no vector low-bit kernels on this CPU\n");
     return;
   }
   constexpr int64_t kBlock = 4096, kBlocks = 1024, kTotal = kBlock * kBlocks;
   constexpr uint32_t kOneBits = 0x3f800000;
   std::vector<float> input(kTotal);
-  std::vector<uint8_t> codes[2] = {std::vector<uint8_t>(kTotal), std::vector<uint8_t>(kTotal)};
+  std::vector<std::vector<uint8_t>> codes(tables.size(), std::vector<uint8_t>(kTotal));
   std::vector<float> absmax(kBlocks);
   for (int bits : {8, 4}) {
     for (bool is_signed : {false, true}) {
       const cpu::QuantLut* lut = &cpu::quant_lut(bits, is_signed);
-      int64_t differ = 0;
+      std::vector<int64_t> differ(tables.size(), 0);
       for (uint32_t sign = 0; sign < (is_signed ? 2u : 1u); ++sign) {
         for (uint32_t next = 0; next <= kOneBits;) {
           for (int64_t b = 0; b < kBlocks; ++b) {
-            input[b * kBlock] = 1.f;  // absmax 1, so y = x
+            input[b * kBlock] = 1.f;
             for (int64_t k = 1; k < kBlock; ++k) {
               const uint32_t magnitude = next <= kOneBits ? next++ : kOneBits;
               const uint32_t pattern = magnitude | (sign << 31);
               std::memcpy(&input[b * kBlock + k], &pattern, sizeof(float));
             }
           }
-          const cpu::Chunk chunk{0, 0, kTotal};
-          const cpu::KernelTable* tables[2] = {cpu::kernels_avx2(), avx512};
-          for (int t = 0; t < 2; ++t) {
-            const cpu::QuantizeLaunch launch{cpu::Dtype::Float, bits, kBlock, lut, input.data(),
-                                             {codes[t].data(), absmax.data()}};
-            tables[t]->quantize(launch, &chunk, 1);
+          // Each hardware thread takes a share of the blocks (the portable build's lookups are slow).
+          std::vector<std::thread> workers;
+          const int64_t shares = std::max(1u, std::min(8u, std::thread::hardware_concurrency()));
+          for (int64_t w = 0; w < shares; ++w) {
+            workers.emplace_back([&, w] {
+              const cpu::Chunk chunk{0, kBlocks * w / shares * kBlock, kBlocks * (w + 1) / shares * kBlock};
+              for (size_t t = 0; t < tables.size(); ++t) {
+                const cpu::QuantizeLaunch launch{cpu::Dtype::Float, bits, kBlock, lut, input.data(),
+                                                 {codes[t].data(), absmax.data()}};
+                tables[t]->quantize(launch, &chunk, 1);
+              }
+            });
           }
-          for (int64_t i = 0; i < (bits == 8 ? kTotal : kTotal / 2); ++i) {
-            differ += codes[0][i] != codes[1][i];
+          for (std::thread& worker : workers) {
+            worker.join();
+          }
+          for (size_t t = 1; t < tables.size(); ++t) {
+            for (int64_t i = 0; i < (bits == 8 ? kTotal : kTotal / 2); ++i) {
+              differ[t] += codes[0][i] != codes[t][i];
+            }
           }
         }
       }
-      expect(differ == 0, std::to_string(bits) + "-bit " + (is_signed ? "signed" : "unsigned") +
-                              " map: AVX-512 and AVX2 codes differ in " + std::to_string(differ) + " bytes");
+      const std::string map = std::to_string(bits) + "-bit " + (is_signed ? "signed" : "unsigned") + " map: ";
+      for (size_t t = 1; t < tables.size(); ++t) {
+        expect(differ[t] == 0, map + tables[t]->name + " and portable codes differ in " + std::to_string(differ[t]) + " bytes");
+      }
+      // Every code (every byte value) in one block, dequantized by each build; a block of 67 has a tail
+      // after the vectors of every build.
+      for (const int64_t n : {int64_t{256}, int64_t{67}}) {
+        std::vector<uint8_t> all_codes(256);
+        for (int c = 0; c < 256; ++c) {
+          all_codes[c] = static_cast<uint8_t>(c);
+        }
+        const float block_absmax[1] = {0.37f};
+        std::vector<std::vector<float>> values(tables.size(), std::vector<float>(n));
+        const cpu::Chunk chunk{0, 0, n};
+        for (size_t t = 0; t < tables.size(); ++t) {
+          const cpu::DequantizeLaunch launch{bits, 256, lut, all_codes.data(), block_absmax, values[t].data()};
+          tables[t]->dequantize(launch, &chunk, 1);
+        }
+        for (size_t t = 1; t < tables.size(); ++t) {
+          expect(std::memcmp(values[0].data(), values[t].data(), n * sizeof(float)) == 0,
+                 map + tables[t]->name + " and portable dequantized values differ (block of " + std::to_string(n) + ")");
+        }
+      }
     }
   }
 }
@@ -366,7 +407,7 @@ int main() {
   test_adafactor_kernel_builds_agree();
   test_grad_norm_and_scale_kernels();
   test_argument_checks();
-  test_avx512_codes_on_every_float();
+  test_codes_on_every_float();
   test_stochastic_rounding_bits_at_far_indices();
   std::printf("%d Adam cases, kernel builds (Adam, Lion, Sophia, AdaFactor, norm, scale), argument checks: %s\n", cases, failures == 0 ? "ok" : "FAILED");
   return failures == 0 ? 0 : 1;
