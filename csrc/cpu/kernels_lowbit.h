@@ -140,14 +140,16 @@ inline float dequantize_one(const uint8_t* codes, int bits, int64_t element, con
 }
 
 // The update rules of the low-bit steps, on one float or a vector of lanes (FloatVec, Vec512), with
-// the states in an array: Adam's two (exp_avg, exp_avg_sq), Lion's one.
+// the states in an array: Adam's two (exp_avg, exp_avg_sq), Lion's one. kCommon: adam_is_common(c),
+// the rule without flag tests (common/adam_math.h), as the fp32 kernels run it.
+template <bool kCommon>
 struct AdamLowbitRule {
   static constexpr int kStates = 2;
   const AdamCoefficients& c;
   template <typename V>
   DLDNA_ALWAYS_INLINE void operator()(V& p, V g, V* state) const {
     V unused(0.f);  // v_max: no amsgrad in the low-bit classes
-    adam_update(p, g, state[0], state[1], unused, c);
+    adam_update<kCommon>(p, g, state[0], state[1], unused, c);
   }
 };
 
@@ -339,9 +341,9 @@ void for_each_quant_block(const Chunk* chunks, int64_t num_chunks, int64_t block
   }
 }
 
-// A low-bit step over the chunks, with make_rule(tensor args) giving each tensor's rule.
-template <typename MakeRule>
-void lowbit_step_chunks(const LowbitLaunch& launch, const Chunk* chunks, int64_t num_chunks, MakeRule&& make_rule) {
+// A low-bit step over the chunks; with_rule(tensor args, f) calls f(the tensor's rule).
+template <typename WithRule>
+void lowbit_step_chunks(const LowbitLaunch& launch, const Chunk* chunks, int64_t num_chunks, WithRule&& with_rule) {
   // thread_local: 64 KiB of scratch per thread, too much for a worker's stack.
   thread_local QuantBlock tls_scratch[2];
   QuantBlock* scratch = tls_scratch;  // one TLS lookup per call, not per block
@@ -350,17 +352,24 @@ void lowbit_step_chunks(const LowbitLaunch& launch, const Chunk* chunks, int64_t
     constexpr RoundMode M = decltype(mode)::value;
     for_each_quant_block(chunks, num_chunks, launch.block_size, [&](int64_t tensor, int64_t first, int64_t n) {
       const LowbitTensorArgs& t = launch.tensors[tensor];
-      lowbit_block<P, M>(launch, t, first, n, scratch, make_rule(t));
+      with_rule(t, [&](const auto& rule) { lowbit_block<P, M>(launch, t, first, n, scratch, rule); });
     });
   });
 }
 
 inline void adam_lowbit_chunks(const LowbitLaunch& launch, const Chunk* chunks, int64_t num_chunks) {
-  lowbit_step_chunks(launch, chunks, num_chunks, [](const LowbitTensorArgs& t) { return AdamLowbitRule{t.adam}; });
+  lowbit_step_chunks(launch, chunks, num_chunks, [](const LowbitTensorArgs& t, auto&& block) {
+    if (adam_is_common(t.adam)) {
+      block(AdamLowbitRule<true>{t.adam});
+    } else {
+      block(AdamLowbitRule<false>{t.adam});
+    }
+  });
 }
 
 inline void lion_lowbit_chunks(const LowbitLaunch& launch, const Chunk* chunks, int64_t num_chunks) {
-  lowbit_step_chunks(launch, chunks, num_chunks, [&](const LowbitTensorArgs&) { return LionLowbitRule{launch.lion}; });
+  lowbit_step_chunks(launch, chunks, num_chunks,
+                     [&](const LowbitTensorArgs&, auto&& block) { block(LionLowbitRule{launch.lion}); });
 }
 
 inline void quantize_chunks(const QuantizeLaunch& launch, const Chunk* chunks, int64_t num_chunks) {
