@@ -227,8 +227,8 @@ struct QuantLut {
 //   sides as above), not an octave lookup. The run tables are 8-entry permutes, so a map has at
 //   most 9 runs and a ninth must be the value 1 alone: lanes past its boundary take the eighth
 //   run's last code plus one (the builder checks).
-// - an 8-bit map's values are gathered (one vgatherdps per 8 codes), a 4-bit map's are two
-//   registers indexed by permutes.
+// - an 8-bit map's values are read by scalar loads in the step and gathered in the dequantize op
+//   (whichever measured faster there), a 4-bit map's are two registers indexed by permutes.
 struct QuantSimd {
   // Octave k holds magnitudes whose exponent bits E have max(E, 96) % 32 == k.
   int32_t octave_run[32];        // the run at the octave's low end
