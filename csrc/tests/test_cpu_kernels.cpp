@@ -261,12 +261,8 @@ void test_argument_checks() {
 
 }  // namespace
 
-// Every kernel build gives every float in [-1, 1] the same code: the portable build's table lookup
-// ([Note: nearest-code lookup] in cpu/kernel_table.h), and the AVX2 and AVX-512 builds' arithmetic
-// ([Note: vectorized nearest code]). All 2^30 + 1 magnitudes, of both signs for signed maps, in
-// blocks of 4096 whose first element is 1 (absmax 1, so y = x). Every code also dequantizes to
-// the same value in every build.
-void test_codes_on_every_float() {
+// The kernel builds this CPU can run: the portable one first, then AVX2 and AVX-512 where present.
+std::vector<const dldna_fused::cpu::KernelTable*> kernel_builds() {
   namespace cpu = dldna_fused::cpu;
   std::vector<const cpu::KernelTable*> tables{&cpu::kernels_default()};
   for (const cpu::KernelTable* table : {cpu::kernels_avx2(), cpu::kernels_avx512()}) {
@@ -274,6 +270,86 @@ void test_codes_on_every_float() {
       tables.push_back(table);
     }
   }
+  return tables;
+}
+
+// One low-bit Adam and one Lion step per width, by every kernel build, on the same params, grads
+// and states: 1037 elements, so blocks end in a partial block, an element-by-element tail and (at 4
+// bits) an odd last element. The builds differ only by FMA contraction (the portable one has
+// none), so params agree to an ulp or so, and a code may move by one where a state lands next to a
+// midpoint. A slip in a block loop's packing or tails would move many codes by more.
+void test_lowbit_kernel_builds_agree() {
+  namespace cpu = dldna_fused::cpu;
+  const std::vector<const cpu::KernelTable*> tables = kernel_builds();
+  constexpr int64_t n = 1037;
+  for (int bits : {8, 4}) {
+    for (bool adam : {true, false}) {
+      const int64_t block_size = bits == 8 ? 256 : 128;
+      const int64_t blocks = (n + block_size - 1) / block_size;
+      const int64_t bytes = bits == 8 ? n : (n + 1) / 2;
+      std::vector<at::Tensor> params, codes_m, codes_v, absmax_m;
+      for (const cpu::KernelTable* table : tables) {
+        at::manual_seed(5);
+        auto p = at::randn({n}), g = at::randn({n});
+        auto cm = at::randint(0, 256, {bytes}, at::kByte), cv = at::randint(0, 256, {bytes}, at::kByte);
+        auto am = at::rand({blocks}) * 0.1 + 0.01, av = at::rand({blocks}) * 0.01 + 0.001;
+        cpu::LowbitTensorArgs args{p.data_ptr(),
+                                   g.data_ptr(),
+                                   {cm.data_ptr<uint8_t>(), am.data_ptr<float>()},
+                                   {cv.data_ptr<uint8_t>(), av.data_ptr<float>()},
+                                   dldna_fused::adam_coefficients(1e-2, 0.9, 0.999, 0.01, 1e-8, 3.0, 1.f, false, false, true),
+                                   {}};
+        cpu::LowbitLaunch launch{cpu::Dtype::Float,
+                                 bits,
+                                 block_size,
+                                 &cpu::quant_lut(bits, true),
+                                 adam ? &cpu::quant_lut(bits, false) : nullptr,
+                                 dldna_fused::lion_coefficients(1e-2, 0.9, 0.99, 0.1, 1.f, false),
+                                 &args,
+                                 0.f};
+        const cpu::Chunk chunk{0, 0, n};
+        (adam ? table->adam_lowbit : table->lion_lowbit)(launch, &chunk, 1);
+        params.push_back(p);
+        codes_m.push_back(cm);
+        codes_v.push_back(cv);
+        absmax_m.push_back(am);
+      }
+      const std::string what = std::to_string(bits) + "-bit " + (adam ? "Adam" : "Lion") + ", ";
+      // Nibbles at 4 bits: the low and high code of each byte.
+      auto code_moves = [&](const at::Tensor& a, const at::Tensor& b) {
+        auto ai = a.to(at::kInt), bi = b.to(at::kInt);
+        if (bits == 4) {
+          ai = at::cat({ai.bitwise_and(15), ai.bitwise_right_shift(4)});
+          bi = at::cat({bi.bitwise_and(15), bi.bitwise_right_shift(4)});
+        }
+        const auto diff = (ai - bi).abs();
+        return std::pair<int64_t, int64_t>{diff.ne(0).sum().item<int64_t>(), diff.max().item<int64_t>()};
+      };
+      for (size_t t = 1; t < tables.size(); ++t) {
+        const std::string build = what + tables[t]->name + " against portable: ";
+        expect(at::allclose(params[0], params[t], 1e-6, 1e-7), build + "params differ");
+        expect(at::allclose(absmax_m[0], absmax_m[t], 1e-6, 0), build + "exp_avg absmax differs");
+        for (const auto& [states, name] : {std::pair{&codes_m, "exp_avg"}, std::pair{&codes_v, "exp_avg_sq"}}) {
+          if (!adam && states == &codes_v) {
+            continue;
+          }
+          const auto [moved, most] = code_moves((*states)[0], (*states)[t]);
+          expect(moved <= 4 && most <= 1, build + name + " codes: " + std::to_string(moved) + " moved, by up to " +
+                                              std::to_string(most));
+        }
+      }
+    }
+  }
+}
+
+// Every kernel build gives every float in [-1, 1] the same code: the portable build's table lookup
+// ([Note: nearest-code lookup] in cpu/kernel_table.h), and the AVX2 and AVX-512 builds' arithmetic
+// ([Note: vectorized nearest code]). All 2^30 + 1 magnitudes, of both signs for signed maps, in
+// blocks of 4096 whose first element is 1 (absmax 1, so y = x). Every code also dequantizes to
+// the same value in every build.
+void test_codes_on_every_float() {
+  namespace cpu = dldna_fused::cpu;
+  const std::vector<const cpu::KernelTable*> tables = kernel_builds();
   if (tables.size() < 2) {
     std::printf("skip: no vector low-bit kernels on this CPU\n");
     return;
@@ -407,6 +483,7 @@ int main() {
   test_adafactor_kernel_builds_agree();
   test_grad_norm_and_scale_kernels();
   test_argument_checks();
+  test_lowbit_kernel_builds_agree();
   test_codes_on_every_float();
   test_stochastic_rounding_bits_at_far_indices();
   std::printf("%d Adam cases, kernel builds (Adam, Lion, Sophia, AdaFactor, norm, scale), argument checks: %s\n", cases, failures == 0 ? "ok" : "FAILED");
