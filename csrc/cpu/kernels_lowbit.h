@@ -122,9 +122,12 @@ struct QuantBlock {
   int32_t codes[kMaxQuantBlock];
 };
 
-// out[i] = map[codes[i]] * absmax for i < n.
+// out[i] = map[codes[i]] * absmax for i < n, by scalar loads: the portable build's dequantization
+// (int32 codes, unpacked), and the AVX2 step's for 8-bit codes (bytes). Kept from the vectorizer,
+// which would turn the loads into gathers.
+template <typename Code>
 __attribute__((noinline, optimize("no-tree-vectorize"))) inline void lookup_values(const float* map,
-                                                                                  const int32_t* codes,
+                                                                                  const Code* codes,
                                                                                   float absmax, int64_t n,
                                                                                   float* out) {
   for (int64_t i = 0; i < n; ++i) {

@@ -234,18 +234,6 @@ inline void dequantize_block_avx2(const uint8_t* codes, float absmax, const Quan
   }
 }
 
-// out[k] = map[codes[k]] for k < n, by scalar loads. In the step, a pass of these before the block
-// loop cost less than a gather per 8 codes inside it, where the update's divides run (4M elements,
-// one thread, three alternating runs: AdamW8bit 3.11-3.21 against 3.33-3.47 ns per element; no
-// difference beyond the noise on two). Kept from the vectorizer, which would make gathers again.
-__attribute__((noinline, optimize("no-tree-vectorize"))) inline void lookup_codes8(const uint8_t* codes,
-                                                                                  const float* map, int64_t n,
-                                                                                  float* out) {
-  for (int64_t k = 0; k < n; ++k) {
-    out[k] = map[codes[k]];
-  }
-}
-
 // One low-bit Adam or Lion block: elements [first, first + n) of tensor t, with the rule's states
 // (AdamLowbitRule, LionLowbitRule). The new fp32 states go to scratch[s], then are requantized with
 // their new absmax.
@@ -265,9 +253,13 @@ void lowbit_block_avx2(const LowbitLaunch& launch, const LowbitTensorArgs& t, in
     absmax[s] = _mm256_set1_ps(states[s]->absmax[block]);
     largest[s] = _mm256_setzero_si256();
   }
+  // 8-bit codes: their values into the scratch by scalar loads first. That cost less than a gather
+  // per 8 codes inside the loop below, where the update's divides run (4M elements, one thread,
+  // three alternating runs: AdamW8bit 3.11-3.21 against 3.33-3.47 ns per element; no difference
+  // beyond the noise on two).
   if constexpr (kBits == 8) {
     for (int s = 0; s < kStates; ++s) {
-      lookup_codes8(states[s]->codes + first, luts[s]->values, n, scratch[s]);
+      lookup_values(luts[s]->values, states[s]->codes + first, states[s]->absmax[block], n, scratch[s]);
     }
   }
   int64_t i = 0;
@@ -279,9 +271,11 @@ void lowbit_block_avx2(const LowbitLaunch& launch, const LowbitTensorArgs& t, in
       const int64_t at = i + h * FloatVec::size();
       FloatVec state[kStates];
       for (int s = 0; s < kStates; ++s) {
-        // 8-bit: the map's values, read above; 4-bit: from registers.
-        state[s] = kBits == 8 ? FloatVec(_mm256_mul_ps(_mm256_loadu_ps(scratch[s] + at), absmax[s]))
-                              : FloatVec(dequantize8<kBits>(states[s]->codes, first + at, luts[s]->values, absmax[s]));
+        if constexpr (kBits == 8) {
+          state[s] = FloatVec::loadu(scratch[s] + at);
+        } else {
+          state[s] = FloatVec(dequantize8<kBits>(states[s]->codes, first + at, luts[s]->values, absmax[s]));
+        }
       }
       rule(p[h], g[h], state);
       for (int s = 0; s < kStates; ++s) {
